@@ -1,0 +1,103 @@
+"""Slice a drafter's output head to the kept vocabulary rows and record the remap."""
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import VocabTrimError
+
+
+def head_rows(model: nn.Module) -> int:
+    """Rows of the model's output head: the ids it can score (after any trimming)."""
+    remap = getattr(model, "vocab_remap", None)
+    if remap is not None:
+        return int(remap.size)
+    head, _ = _output_head(model)
+    return _rows(head)
+
+
+def _rows(layer: nn.Module) -> int:
+    return int(layer.weight.shape[0])
+
+
+def _output_head(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module that maps hidden states to logits, and whether it is the tied embedding."""
+    args = getattr(model, "args", None)
+    tied = bool(getattr(args, "tie_word_embeddings", False))
+    if not tied and "lm_head" in model:
+        return model["lm_head"], False
+    inner = model.get("model")
+    if inner is not None and "embed_tokens" in inner:
+        return inner["embed_tokens"], True
+    raise VocabTrimError(
+        f"cannot find the output head of a {type(model).__module__} model: "
+        "only mlx-lm models with `lm_head` or tied `model.embed_tokens` can be trimmed"
+    )
+
+
+def validate_keep_ids(keep_ids: Sequence[int], vocab_size: int) -> list[int]:
+    """Check keep ids are non-empty, unique and inside [0, vocab_size)."""
+    ids = [int(i) for i in keep_ids]
+    if not ids:
+        raise VocabTrimError("keep ids are empty: keep at least one token (k >= 1)")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise VocabTrimError(
+            f"keep id {bad} is outside the drafter vocabulary [0, {vocab_size}): use a vocab made for this tokenizer"
+        )
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise VocabTrimError(f"keep id {dup} appears twice: keep ids must be unique")
+    return ids
+
+
+def _slice_rows(layer: nn.Module, rows: mx.array) -> nn.Module:
+    """A new Linear/QuantizedLinear holding only `rows` of `layer`'s weight matrix."""
+    k = int(rows.size)
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        dims = layer.weight.shape[1] * 32 // layer.bits
+        sliced = nn.QuantizedLinear(
+            dims,
+            k,
+            bias="bias" in layer,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in layer:
+                sliced[name] = layer[name][rows]
+        return sliced
+    if isinstance(layer, (nn.Linear, nn.Embedding)):
+        sliced = nn.Linear(layer.weight.shape[1], k, bias="bias" in layer)
+        sliced.weight = layer.weight[rows]
+        if "bias" in layer:
+            sliced.bias = layer.bias[rows]
+        return sliced
+    raise VocabTrimError(f"cannot trim an output head of type {type(layer).__name__}")
+
+
+def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
+    """Replace the drafter's output head by one with only `keep_ids` rows, in that order.
+
+    The model then returns k logits per position; `draft_model.vocab_remap` (int32)
+    maps each trimmed index back to a target token id. A tied input embedding stays
+    whole and a separate sliced head is attached; an untied full head is released.
+    Trimming an already trimmed drafter selects from the original ids.
+    """
+    if getattr(draft_model, "vocab_remap", None) is not None:
+        raise VocabTrimError("this drafter is already trimmed: load a fresh drafter to trim again")
+    head, tied = _output_head(draft_model)
+    ids = validate_keep_ids(keep_ids, _rows(head))
+    rows = mx.array(ids, dtype=mx.int32)
+    sliced = _slice_rows(head, rows)
+    mx.eval(sliced.parameters())
+    if tied:
+        draft_model.args.tie_word_embeddings = False
+    draft_model["lm_head"] = sliced
+    draft_model["vocab_remap"] = rows
+    del head
+    mx.clear_cache()
+    return draft_model
