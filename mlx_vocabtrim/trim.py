@@ -1,9 +1,16 @@
 """Slice a drafter's output head to the kept vocabulary rows and record the remap."""
 
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .errors import VocabTrimError
 
@@ -101,3 +108,61 @@ def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     del head
     mx.clear_cache()
     return draft_model
+
+
+def save_trimmed(draft_model: nn.Module, tokenizer: Any, config: dict, out: str | Path, info: dict) -> Path:
+    """Write a self-contained trimmed-drafter directory (weights with remap, config, tokenizer).
+
+    `info` (k, coverage, source, ...) is stored under "vocabtrim" in config.json; the
+    directory appears only when complete.
+    """
+    out = Path(out)
+    if out.exists():
+        raise VocabTrimError(f"{out} already exists: remove it or pick another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp.chmod(0o755)
+    try:
+        weights = dict(tree_flatten(draft_model.parameters()))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps({**config, "vocabtrim": info}, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_trimmed_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "vocabtrim" in json.loads(config.read_text())
+
+
+def load_draft(path: str | Path) -> tuple[nn.Module, Any]:
+    """(trimmed drafter, tokenizer) from a directory written by `mlx-vocabtrim trim`."""
+    from mlx_lm.utils import _get_classes, load_tokenizer
+
+    path = Path(path)
+    if not is_trimmed_dir(path):
+        raise VocabTrimError(f"{path} is not a trimmed drafter directory: make one with `mlx-vocabtrim trim`")
+    config = json.loads((path / "config.json").read_text())
+    try:
+        weights = mx.load(str(path / "model.safetensors"))
+    except Exception as e:
+        raise VocabTrimError(f"{path}/model.safetensors is missing or corrupt ({e}): run `trim` again") from e
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if "quantization" in config:
+        q = config["quantization"]
+        nn.quantize(
+            model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+            class_predicate=lambda p, _: f"{p}.scales" in weights,
+        )  # fmt: skip
+    remap = weights.pop("vocab_remap", None)
+    if remap is None:
+        raise VocabTrimError(f"{path} has no vocab_remap weights: run `mlx-vocabtrim trim` again")
+    trim_drafter(model, remap.tolist())
+    model.load_weights(list(weights.items()) + [("vocab_remap", remap)])
+    mx.eval(model.parameters())
+    model.eval()
+    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

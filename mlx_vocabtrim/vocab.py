@@ -48,6 +48,7 @@ def save_vocab(path: str | Path, counts: Sequence[int], metadata: dict) -> None:
     doc = {"format": VOCAB_FORMAT, "metadata": metadata, "counts": [int(c) for c in counts]}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         with _open_text(Path(tmp), "wt") as f:
             json.dump(doc, f, separators=(",", ":"))

@@ -63,8 +63,18 @@ def test_generate_with_trimmed_drafter_matches_target_alone(model_dirs, ranked_f
     common = ["--model", str(model_dirs["target"]), "--prompt", "def add(a, b):", "--max-tokens", "24"]
     code, alone = run(*common)
     assert code == 0, alone
-    code, spec = run(*common, "--draft-model", str(model_dirs["drafter"]), "--vocab", str(ranked_file),
-                     "--k", "200", "--num-draft-tokens", "2", "--verbose")
+    code, spec = run(
+        *common,
+        "--draft-model",
+        str(model_dirs["drafter"]),
+        "--vocab",
+        str(ranked_file),
+        "--k",
+        "200",
+        "--num-draft-tokens",
+        "2",
+        "--verbose",
+    )
     assert code == 0, spec
     text = spec.split("==========")[0]
     assert text == alone
@@ -120,17 +130,33 @@ def test_bad_inputs_get_one_line_errors(model_dirs, ranked_file, tmp_path):
 
 
 def test_module_entry_points(model_dirs, tmp_path):
-    for cmd in ([sys.executable, "-m", "mlx_vocabtrim.generate", "--help"], [sys.executable, "-m", "mlx_vocabtrim", "--help"]):
+    for cmd in (
+        [sys.executable, "-m", "mlx_vocabtrim.generate", "--help"],
+        [sys.executable, "-m", "mlx_vocabtrim", "--help"],
+    ):
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         assert "Usage:" in done.stdout
     done = subprocess.run(
         [sys.executable, "-m", "mlx_vocabtrim", "generate", "--model", str(tmp_path / "none")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("Error: model") and done.stderr.count("\n") == 1
     done = subprocess.run(
-        [sys.executable, "-m", "mlx_vocabtrim.generate", "--model", str(model_dirs["target"]), "--prompt", "-",
-         "--max-tokens", "5"], input="hello", capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_vocabtrim.generate",
+            "--model",
+            str(model_dirs["target"]),
+            "--prompt",
+            "-",
+            "--max-tokens",
+            "5",
+        ],
+        input="hello",
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr

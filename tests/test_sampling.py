@@ -84,7 +84,9 @@ def test_generator_first_token_matches_target(logits):
     samples = []
     from_draft = 0
     for _ in range(2500):
-        steps = speculative_generate_step([10, 20, 30, 40, 50], target, drafter, num_draft_tokens=2, max_tokens=3, temp=1.0)
+        steps = speculative_generate_step(
+            [10, 20, 30, 40, 50], target, drafter, num_draft_tokens=2, max_tokens=3, temp=1.0
+        )
         token, _, drafted = next(steps)
         steps.close()
         samples.append(token)
@@ -100,7 +102,9 @@ def test_untrimmed_sampling_matches_target(logits):
     mx.random.seed(12)
     samples = []
     for _ in range(1500):
-        steps = speculative_generate_step([10, 20, 30, 40, 50], target, drafter, num_draft_tokens=1, max_tokens=2, temp=1.0)
+        steps = speculative_generate_step(
+            [10, 20, 30, 40, 50], target, drafter, num_draft_tokens=1, max_tokens=2, temp=1.0
+        )
         samples.append(next(steps)[0])
         steps.close()
     assert_matches(np.array(samples), p)
