@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import generate as _generate_command  # noqa: F401  (bind the submodule first, like mlx_lm)
 from .errors import VocabTrimError
+from .mlx_lm_draft import TrimmedDraft
 from .models import check_pair, load_model, load_pair
 from .speculative import SpecStats, SpeculativeResponse, generate, speculative_generate_step, stream_generate
 from .trim import head_rows, load_draft, save_trimmed, trim_drafter
@@ -12,6 +13,7 @@ from .vocab import load_vocab, read_ranked_ids, save_vocab, select_keep_ids, tok
 __all__ = [
     "SpecStats",
     "SpeculativeResponse",
+    "TrimmedDraft",
     "VocabTrimError",
     "check_pair",
     "generate",

@@ -137,19 +137,25 @@ def count_dataset(tokenizer: Any, batch: list[dict]) -> tuple[np.ndarray, int]:
     return np.asarray(ids, dtype=np.int64), len(ids)
 
 
+def chat_prompt(tokenizer: Any, text: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """Prompt ids through the chat template; a user message longer than max_prompt_tokens is cut to its start."""
+    if max_prompt_tokens is not None:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) > max_prompt_tokens:
+            text = tokenizer.decode(ids[:max_prompt_tokens])
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.encode(text)
+
+
 def count_generated(
-    model: Any, tokenizer: Any, batch: list[dict], max_tokens: int, temp: float
+    model: Any, tokenizer: Any, batch: list[dict], max_tokens: int, temp: float, max_prompt_tokens: int | None = None
 ) -> tuple[np.ndarray, int]:
     """Token ids the model emits answering each prompt (chat template applied), decoded as one batch."""
     from mlx_lm import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
-        if getattr(tokenizer, "chat_template", None)
-        else tokenizer.encode(r["prompt"])
-        for r in batch
-    ]
+    prompts = [chat_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in batch]
     out = batch_generate(
         model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True,
         sampler=make_sampler(temp), prefill_batch_size=len(prompts), completion_batch_size=len(prompts),

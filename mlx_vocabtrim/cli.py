@@ -3,6 +3,7 @@
 import json
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -72,10 +73,28 @@ def convert(gguf, out, dtype, quantize, q_bits, q_group_size):
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature of the answers.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling and answers.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts decoded together.")
+@click.option(
+    "--max-prompt-tokens",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Cut longer prompts to their start (prefill is slow on CPUs).",
+)
 @click.option("--checkpoint-every", type=int, default=64, show_default=True, help="Prompts between checkpoints.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Vocab file to write (.json or .json.gz).")
 def calibrate_command(
-    model, draft_model, source, data, num_prompts, max_tokens, temp, seed, batch_size, checkpoint_every, out
+    model,
+    draft_model,
+    source,
+    data,
+    num_prompts,
+    max_tokens,
+    temp,
+    seed,
+    batch_size,
+    max_prompt_tokens,
+    checkpoint_every,
+    out,
 ):
     """Count token frequencies into a vocab file; resumes from OUT.checkpoint after an interruption."""
     if batch_size < 1 or max_tokens < 1:
@@ -98,9 +117,12 @@ def calibrate_command(
         if source == "drafter" and tokenizer_fingerprint(generator_tok) != tokenizer_fingerprint(tokenizer):
             raise VocabTrimError(f"{draft_model} and {model} use different tokenizers: pick a matching drafter")
         vocab_size = head_rows(target)
-        count = lambda batch: count_generated(generator, generator_tok, batch, max_tokens, temp)  # noqa: E731
+        count = lambda batch: count_generated(  # noqa: E731
+            generator, generator_tok, batch, max_tokens, temp, max_prompt_tokens
+        )
     settings = {"model": counted, "source": source, "data": data, "num_prompts": len(records),
-                "max_tokens": max_tokens, "temp": temp, "seed": seed, "batch_size": batch_size}  # fmt: skip
+                "max_tokens": max_tokens, "temp": temp, "seed": seed, "batch_size": batch_size,
+                "max_prompt_tokens": max_prompt_tokens}  # fmt: skip
     checkpoint = out.with_name(out.name + ".checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     bar, advance = progress_bar(len(records), f"Calibrating ({source})")
@@ -197,3 +219,120 @@ def trim(draft_model, vocab_file, k, out):
             "drafter": draft_model}  # fmt: skip
     save_trimmed(model, tokenizer, load_config(Path(resolve_model(draft_model))), out, info)
     click.echo(f"Wrote {out}: head {rows} -> {k} rows, coverage {info['coverage']:.2%}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip() and x.strip() != "full"]
+    except ValueError:
+        raise VocabTrimError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_TARGET, show_default=True, help="Target model.")
+@click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter (untrimmed).")
+@click.option(
+    "--vocab", "vocab_file", default=None, help="Vocab file ranking the kept ids [default: the packaged one]."
+)
+@click.option(
+    "--k",
+    "ks",
+    default="8192,16384,32768",
+    show_default=True,
+    help="Head sizes to compare, comma-separated ('full' is always run).",
+)
+@click.option(
+    "--num-draft-tokens", type=int, default=3, show_default=True, help="Draft length of every speculative method."
+)
+@click.option(
+    "--questions",
+    default="../shared/data/spec_bench/question.jsonl",
+    show_default=True,
+    help="Spec-Bench question.jsonl.",
+)
+@click.option("--per-category", type=int, default=2, show_default=True, help="Questions per Spec-Bench category.")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="New tokens per answer.")
+@click.option(
+    "--max-prompt-tokens", type=int, default=None, help="Cut longer questions to their start [default: no cut]."
+)
+@click.option(
+    "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy, checked lossless)."
+)
+@click.option("--auto", is_flag=True, help="Pick k and num-draft-tokens on a few prompts, confirm on the rest.")
+@click.option("--auto-prompts", type=int, default=3, show_default=True, help="Prompts used to pick with --auto.")
+@click.option(
+    "--out",
+    default="bench-out",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Directory for bench.json, bench.md and bench.png.",
+)
+def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_category, max_tokens, max_prompt_tokens,
+          temp, auto, auto_prompts, out):  # fmt: skip
+    """Spec-Bench: target, mlx-lm-spec, full and trim@k side by side on the same prompts."""
+    from . import bench as b
+    from .calibrate import chat_prompt
+    from .generate import DEFAULT_VOCAB
+    from .models import load_pair
+    from .trim import trimmed_copy
+    from .vocab import read_ranked_ids
+
+    k_list = _int_list(ks, "--k")
+    qs = b.read_questions(questions, per_category)
+    target, tokenizer, drafter = load_pair(model, draft_model)
+    rows = head_rows(drafter)
+    ranked = read_ranked_ids(vocab_file or DEFAULT_VOCAB, tokenizer)
+    trimmed = {k: trimmed_copy(drafter, select_keep_ids(ranked, k, rows, special_ids(tokenizer))) for k in k_list}
+    env = b.environment(target)
+    click.echo(f"BLAS: {env['blas']}; weights {env['dtype']}; {env['device']}; {env['cpu']}", err=True)
+    eos = set(tokenizer.eos_token_ids)
+    encode = lambda text: chat_prompt(tokenizer, text, max_prompt_tokens)  # noqa: E731
+    gamma = num_draft_tokens
+    spec = [b.Method(f"mlx-lm-spec@{gamma}", "mlx-lm-spec", drafter, gamma),
+            b.Method("full", "ours", drafter, gamma, rows)]  # fmt: skip
+    sweep = [b.Method(f"trim@{k}", "ours", d, gamma, k) for k, d in trimmed.items()]
+    methods = [b.Method("target", "target"), *spec, *sweep]
+    vocab_used = str(vocab_file or DEFAULT_VOCAB)
+    report: dict = {"environment": env, "model": model, "draft_model": draft_model, "vocab": vocab_used,
+                    "questions": str(questions), "max_tokens": max_tokens, "temp": temp}  # fmt: skip
+    warm = encode("Say hi.")
+    for m in methods:
+        b.run_method(m, target, warm, 4, temp, eos)
+    if auto:
+        pick = qs[:: max(len(qs) // auto_prompts, 1)][:auto_prompts]
+        qs = [q for q in qs if q not in pick]
+        with progress_bar_over(len(pick) * len(methods), "Auto-tuning") as advance:
+            calib_runs = b.interleave(pick, methods, target, encode, max_tokens, temp, eos, advance)
+        calib = b.summarize(calib_runs, methods, {})
+        candidates = {rows: drafter, **trimmed}
+        acceptance = {rows: calib["full"]["acceptance"], **{k: calib[f"trim@{k}"]["acceptance"] for k in trimmed}}
+        tuned = b.auto_tune(target, candidates, acceptance, list(range(1, 7)), warm * 8)
+        best_k, best_gamma = tuned["choice"]["k"], tuned["choice"]["num_draft_tokens"]
+        click.echo(f"Auto choice: k={best_k}, num-draft-tokens={best_gamma} "
+                   f"(predicted {tuned['choice']['predicted_tokens_per_s']:.3f} tok/s)", err=True)  # fmt: skip
+        report["auto"] = tuned | {"calibration_questions": [q["question_id"] for q in pick]}
+        anchor3 = b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3)
+        chosen = b.Method(f"auto (k={best_k}, gamma={best_gamma})", "ours", candidates[best_k], best_gamma, best_k)
+        methods = [b.Method("target", "target"), anchor3, chosen]
+    with progress_bar_over(len(qs) * len(methods), "Benchmark") as advance:
+        runs = b.interleave(qs, methods, target, encode, max_tokens, temp, eos, advance)
+    if temp == 0:
+        b.check_lossless(runs)
+    c_of = {m.name: b.step_bytes(m.drafter) / b.step_bytes(target) for m in methods if m.drafter is not None}
+    head_of = {m.name: b.head_bytes(m.drafter) for m in methods if m.drafter is not None}
+    summary = b.summarize(runs, methods, c_of)
+    categories = b.by_category(runs, methods, c_of)
+    report |= {"summary": summary, "categories": categories, "c": c_of, "head_bytes": head_of,
+               "step_bytes_note": "bytes of all weights read per decode step, input embedding rows excluded",
+               "runs": b.runs_as_dicts(runs)}  # fmt: skip
+    table = b.markdown(summary, categories, env, head_of)
+    paths = b.write_outputs(out, report, table, rows)
+    click.echo(table)
+    click.echo("Wrote " + ", ".join(map(str, paths)))
+
+
+@contextmanager
+def progress_bar_over(total: int, label: str):
+    """A click progress bar on stderr; yields a callback that advances it by one."""
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True) as bar:
+        yield lambda: bar.update(1)

@@ -1,5 +1,6 @@
 """Slice a drafter's output head to the kept vocabulary rows and record the remap."""
 
+import copy
 import json
 import os
 import shutil
@@ -166,3 +167,14 @@ def load_draft(path: str | Path) -> tuple[nn.Module, Any]:
     mx.eval(model.parameters())
     model.eval()
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+
+
+def trimmed_copy(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
+    """A drafter sharing `draft_model`'s body and weights, with its own head trimmed to `keep_ids`.
+
+    Lets one loaded drafter serve several k side by side (benchmarks) for the cost of the
+    extra k-row heads only.
+    """
+    view = copy.copy(draft_model)
+    view.args = copy.copy(draft_model.args)
+    return trim_drafter(view, keep_ids)

@@ -1,0 +1,360 @@
+"""Spec-Bench harness: plain target, mlx-lm's speculative decoding, our full and trimmed
+drafters, on the same prompts interleaved prompt by prompt; tau, acceptance, MBSU,
+tokens/s, speed-ups, k sweep and auto-tuning of (k, num-draft-tokens)."""
+
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from .errors import VocabTrimError
+from .speculative import SpecStats, speculative_generate_step
+from .trim import head_rows
+
+
+@dataclass
+class Method:
+    """One way of decoding: a name, the drafter it uses (None: target alone) and its draft length."""
+
+    name: str
+    kind: str  # "target", "mlx-lm-spec" or "ours"
+    drafter: nn.Module | None = None
+    gamma: int = 0
+    k: int | None = None
+
+
+@dataclass
+class Run:
+    """One method on one prompt."""
+
+    method: str
+    category: str
+    question_id: Any
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    target_calls: int
+    drafted: int
+    accepted: int
+    tokens: list
+
+
+def read_questions(path: str | Path, per_category: int | None) -> list[dict]:
+    """The first `per_category` questions of each Spec-Bench category (first turn only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VocabTrimError(f"questions file {path} does not exist: pass --questions spec_bench/question.jsonl")
+    seen: dict[str, int] = defaultdict(int)
+    questions = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            category, turns = item.get("category", "all"), item["turns"]
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise VocabTrimError(f"{path} line {n} is not a Spec-Bench question ({e}): give Spec-Bench JSONL") from e
+        if per_category is None or seen[category] < per_category:
+            seen[category] += 1
+            questions.append({"category": category, "question_id": item.get("question_id", n), "prompt": turns[0]})
+    if not questions:
+        raise VocabTrimError(f"{path} holds no questions")
+    return questions
+
+
+def step_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: all parameters but the input embedding,
+    whose rows are gathered one per token (a tied embedding counts, as it is the head)."""
+    tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+    return sum(
+        v.nbytes
+        for name, v in tree_flatten(model.parameters())
+        if tied or not name.startswith("model.embed_tokens.")
+        if name != "vocab_remap"
+    )
+
+
+def head_bytes(model: nn.Module) -> int:
+    """Bytes of the drafter's output head (the tied embedding when there is no separate head)."""
+    head = model.get("lm_head") if "lm_head" in model else model.model.embed_tokens
+    return sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+
+
+def blas_library() -> str:
+    """The BLAS MLX's CPU matmuls go through: an LD_PRELOADed library wins over the wheel's own."""
+    preloaded = [Path(p).name for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "blas" in p]
+    if preloaded:
+        return f"{', '.join(preloaded)} (LD_PRELOAD)"
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        libs = {Path(line.split()[-1]).name for line in maps.read_text().splitlines() if "blas" in line.lower()}
+        libs = {lib for lib in libs if "scipy_openblas" not in lib}  # numpy's own copy, unused by MLX
+        return f"{', '.join(sorted(libs))} (the mlx wheel's reference BLAS)" if libs else "none found"
+    return "Accelerate" if platform.system() == "Darwin" else "unknown"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if platform.system() == "Darwin":
+        import subprocess
+
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        return out.stdout.strip() or platform.processor()
+    return platform.processor() or "unknown"
+
+
+def environment(model: nn.Module) -> dict:
+    """What the numbers depend on: MLX version and device, weight dtype, BLAS, CPU, cores."""
+    dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())})
+    return {
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "dtype": ",".join(dtypes),
+        "blas": blas_library(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], list[bool]]:
+    tokens, from_draft = [], []
+    for item in tokens_iter:
+        token = int(item[0])
+        if token in eos:
+            break
+        tokens.append(token)
+        from_draft.append(bool(item[2]) if len(item) > 2 else False)
+        if len(tokens) == max_tokens:
+            break
+    return tokens, from_draft
+
+
+def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, eos: set[int]) -> Run:
+    """Decode `prompt` with `method`, timing the whole generation (prefill included)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    ids = mx.array(prompt, mx.uint32)
+    stats = SpecStats()
+    tic = time.perf_counter()
+    if method.kind == "target":
+        gen = generate_step(ids, model, max_tokens=max_tokens, sampler=make_sampler(temp))
+    elif method.kind == "mlx-lm-spec":
+        gen = mlx_lm_speculative_step(ids, model, method.drafter, num_draft_tokens=method.gamma,
+                                      max_tokens=max_tokens, sampler=make_sampler(temp))  # fmt: skip
+    else:
+        gen = speculative_generate_step(ids, model, method.drafter, num_draft_tokens=method.gamma,
+                                        max_tokens=max_tokens, temp=temp, stats=stats)  # fmt: skip
+    tokens, from_draft = _decode(gen, max_tokens, eos)
+    gen.close()
+    seconds = time.perf_counter() - tic
+    if method.kind == "target":
+        calls, drafted, accepted = len(tokens), 0, 0
+    elif method.kind == "mlx-lm-spec":
+        accepted = sum(from_draft)
+        calls = len(tokens) - accepted
+        drafted = calls * method.gamma
+    else:
+        calls, drafted, accepted = stats.target_calls, stats.draft_tokens, stats.accepted_tokens
+    return Run(method.name, "", None, len(prompt), len(tokens), seconds, max(calls, 1), drafted, accepted, tokens)
+
+
+def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float]) -> dict[str, dict]:
+    """Per method: tokens/s, tau, acceptance, draft length, MBSU and speed-ups."""
+    out = {}
+    for m in methods:
+        rs = [r for r in runs if r.method == m.name]
+        tokens, seconds = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
+        calls, drafted, accepted = (sum(getattr(r, f) for r in rs) for f in ("target_calls", "drafted", "accepted"))
+        tau = tokens / calls if calls else 0.0
+        gamma = drafted / calls if calls else 0.0
+        out[m.name] = {
+            "k": m.k,
+            "num_draft_tokens": m.gamma,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "tau": tau,
+            "acceptance": accepted / drafted if drafted else 0.0,
+            "drafts_per_call": gamma,
+            "c": c_of.get(m.name, 0.0),
+            "mbsu": tau / (c_of.get(m.name, 0.0) * gamma + 1),
+        }
+    base = out.get("target", {}).get("tokens_per_s")
+    anchor = next((v["tokens_per_s"] for k, v in out.items() if k.startswith("mlx-lm-spec")), None)
+    for v in out.values():
+        v["speedup_vs_target"] = v["tokens_per_s"] / base if base else None
+        v["speedup_vs_mlx_lm_spec"] = v["tokens_per_s"] / anchor if anchor else None
+    return out
+
+
+def by_category(runs: list[Run], methods: list[Method], c_of: dict[str, float]) -> dict[str, dict]:
+    return {
+        cat: summarize([r for r in runs if r.category == cat], methods, c_of)
+        for cat in sorted({r.category for r in runs})
+    }
+
+
+def check_lossless(runs: list[Run]) -> None:
+    """Greedy: every method must emit exactly the target's tokens; fail loudly otherwise."""
+    reference = {r.question_id: r.tokens for r in runs if r.method == "target"}
+    for r in runs:
+        ref = reference.get(r.question_id)
+        if ref is not None and r.tokens != ref:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(r.tokens, ref, strict=False)) if a != b), min(len(r.tokens), len(ref))
+            )
+            raise VocabTrimError(
+                f"greedy output of {r.method} differs from the target on question {r.question_id} at token {at}: "
+                "this is a bug, please report it"
+            )
+
+
+def measure_step(model: nn.Module, context: list[int], n: int, repeats: int = 3) -> float:
+    """Median seconds of one forward pass over n new tokens after `context` (cache rolled back)."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array(context)[None], cache=cache))
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(model(mx.array(context[:n])[None], cache=cache))
+        times.append(time.perf_counter() - tic)
+        trim_prompt_cache(cache, n)
+    return sorted(times)[len(times) // 2]
+
+
+def predicted_speed(alpha: float, gamma: int, t_draft: float, t_verify: dict[int, float]) -> float:
+    """Tokens/s of speculative decoding under i.i.d. acceptance alpha:
+    E[tau] = (1 - alpha^(gamma+1)) / (1 - alpha) tokens per round of gamma drafter steps + one verify."""
+    tau = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tau / (gamma * t_draft + t_verify[gamma + 1])
+
+
+def auto_tune(model: nn.Module, drafters: dict[int | None, nn.Module], acceptance: dict[int | None, float],
+              gammas: list[int], context: list[int]) -> dict:  # fmt: skip
+    """Pick (k, num_draft_tokens) maximizing predicted tokens/s from measured step times and acceptance."""
+    t_verify = {n: measure_step(model, context, n) for n in range(1, max(gammas) + 2)}
+    t_draft = {k: measure_step(d, context, 1) for k, d in drafters.items()}
+    table = [
+        {
+            "k": k,
+            "num_draft_tokens": g,
+            "predicted_tokens_per_s": predicted_speed(acceptance[k], g, t_draft[k], t_verify),
+        }
+        for k in drafters
+        for g in gammas
+    ]
+    best = max(table, key=lambda row: row["predicted_tokens_per_s"])
+    return {"choice": best, "table": table, "t_verify": t_verify, "t_draft": {str(k): v for k, v in t_draft.items()},
+            "acceptance": {str(k): v for k, v in acceptance.items()}}  # fmt: skip
+
+
+def interleave(questions: list[dict], methods: list[Method], model: nn.Module, encode: Callable[[str], list[int]],
+               max_tokens: int, temp: float, eos: set[int], advance: Callable[[], None]) -> list[Run]:  # fmt: skip
+    """Every method on each prompt in turn, so drift of the machine hits all methods alike."""
+    runs = []
+    for q in questions:
+        prompt = encode(q["prompt"])
+        for m in methods:
+            if temp > 0:
+                mx.random.seed(hash((q["question_id"], 0)) % (2**31))
+            run = run_method(m, model, prompt, max_tokens, temp, eos)
+            run.category, run.question_id = q["category"], q["question_id"]
+            runs.append(run)
+            advance()
+    return runs
+
+
+def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, head_of: dict[str, int]) -> str:
+    """The overall table, then speed-up over the target per category."""
+    lines = [
+        f"MLX {env['mlx']} on {env['device']} ({env['cpu']}, {env['cores']} cores), weights {env['dtype']}, "
+        f"BLAS {env['blas']}",
+        "",
+        "| method | k | draft tokens | drafter head MB | tau | acceptance | MBSU | tokens/s | vs target "
+        "| vs mlx-lm-spec |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        vs_t = f"{s['speedup_vs_target']:.2f}x" if s["speedup_vs_target"] else "-"
+        vs_m = f"{s['speedup_vs_mlx_lm_spec']:.2f}x" if s["speedup_vs_mlx_lm_spec"] else "-"
+        head = f"{head_of[name] / 1e6:.1f}" if name in head_of else "-"
+        lines.append(
+            f"| {name} | {s['k'] or '-'} | {s['num_draft_tokens'] or '-'} | {head} | {s['tau']:.2f} | "
+            f"{s['acceptance']:.1%} | {s['mbsu']:.2f} | {s['tokens_per_s']:.3f} | {vs_t} | {vs_m} |"
+        )
+    names = list(summary)
+    lines += ["", "Speed-up over `target` by category (tokens/s ratio):", "",
+              "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for cat, s in categories.items():
+        cells = [f"{s[n]['speedup_vs_target']:.2f}x" if s[n]["speedup_vs_target"] else "-" for n in names]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, dict], full_rows: int, path: Path) -> bool:
+    """PNG of speed-up over the target and tau against k; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = sorted(
+        (s["k"] or full_rows, s)
+        for n, s in summary.items()
+        if n.startswith(("trim@", "full")) and s["speedup_vs_target"]
+    )
+    if not points:
+        return False
+    ks = [k for k, _ in points]
+    fig, left = plt.subplots(figsize=(6, 3.6))
+    left.plot(ks, [s["speedup_vs_target"] for _, s in points], "o-", label="speed-up vs target")
+    left.plot(ks, [s["mbsu"] for _, s in points], "s--", label="MBSU")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("k (drafter head rows)")
+    left.set_ylabel("speed-up")
+    right = left.twinx()
+    right.plot(ks, [s["tau"] for _, s in points], "^:", color="gray", label="tau")
+    right.set_ylabel("tokens per target call")
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(out: Path, report: dict, table: str, full_rows: int) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.json", out / "bench.md"]
+    tmp = out / ".bench.json.partial"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, paths[0])
+    paths[1].write_text(table)
+    if plot(report["summary"], full_rows, out / "bench.png"):
+        paths.append(out / "bench.png")
+    return paths
+
+
+def runs_as_dicts(runs: list[Run]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if k != "tokens"} | {"tokens": r.tokens} for r in runs]
+
+
+__all__ = ["Method", "head_rows"]

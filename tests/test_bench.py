@@ -1,0 +1,113 @@
+"""The Spec-Bench harness on tiny models: every method lossless, figures consistent, auto-tuning runs."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_model
+
+from mlx_vocabtrim import VocabTrimError
+from mlx_vocabtrim.bench import Run, check_lossless, predicted_speed, read_questions, step_bytes
+from mlx_vocabtrim.cli import cli
+from mlx_vocabtrim.trim import trimmed_copy
+
+CATEGORIES = ["coding", "writing", "math"]
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    lines = [
+        json.dumps(
+            {"question_id": i, "category": CATEGORIES[i % 3], "turns": [f"Question {i}: add {i} and x.", "more"]}
+        )
+        for i in range(9)
+    ]
+    (root / "question.jsonl").write_text("\n".join(lines))
+    text = root / "calib.txt"
+    text.write_text("Question add and x. def add(a, b): return a + b")
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(model_dirs["target"]), "--source", "dataset",
+                                      "--data", str(text), "--out", str(root / "v.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def bench_args(model_dirs, root, out, *extra):
+    return ["bench", "--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]),
+            "--vocab", str(root / "v.json"), "--questions", str(root / "question.jsonl"), "--max-tokens", "16",
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def test_sweep_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
+    result = CliRunner().invoke(
+        cli, bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40,100", "--per-category", "2")
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    methods = ["target", "mlx-lm-spec@3", "full", "trim@40", "trim@100"]
+    assert list(report["summary"]) == methods
+    assert len(report["runs"]) == 6 * len(methods)
+    # interleaved prompt by prompt: methods alternate within each question
+    assert [r["method"] for r in report["runs"][:5]] == methods
+    assert set(report["categories"]) == set(CATEGORIES)
+    target = report["summary"]["target"]
+    assert target["tau"] == 1.0 and target["speedup_vs_target"] == 1.0
+    for name in methods[1:]:
+        s = report["summary"][name]
+        assert s["tokens"] == target["tokens"], "same greedy output, same length"
+        assert 1.0 <= s["tau"] <= 4.0 and 0 <= s["acceptance"] <= 1
+        assert s["mbsu"] == pytest.approx(s["tau"] / (s["c"] * s["drafts_per_call"] + 1))
+    assert report["c"]["trim@40"] < report["c"]["trim@100"] < report["c"]["full"]
+    assert report["head_bytes"]["trim@40"] == 40 * 64 * 4
+    env = report["environment"]
+    assert {"mlx", "device", "dtype", "blas", "cpu", "cores"} <= set(env) and env["dtype"] == "float32"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| trim@40 | 40 | 3 |" in table and "by category" in table
+    assert "BLAS:" in result.output
+
+
+def test_auto_picks_and_confirms(model_dirs, bench_inputs, tmp_path):
+    args = bench_args(
+        model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "3", "--auto", "--auto-prompts", "2"
+    )
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    choice = report["auto"]["choice"]
+    assert choice["k"] in (40, 320) and 1 <= choice["num_draft_tokens"] <= 6
+    assert len(report["auto"]["table"]) == 2 * 6
+    best = max(row["predicted_tokens_per_s"] for row in report["auto"]["table"])
+    assert choice["predicted_tokens_per_s"] == best
+    names = list(report["summary"])
+    assert names[:2] == ["target", "mlx-lm-spec@3"] and names[2].startswith("auto (k=")
+    assert len(report["runs"]) == 7 * 3, "the 2 tuning prompts are not counted in the confirmation"
+
+
+def test_a_mismatch_fails_loudly():
+    runs = [Run("target", "c", 1, 5, 3, 1.0, 3, 0, 0, [1, 2, 3]), Run("trim@8", "c", 1, 5, 3, 1.0, 2, 3, 1, [1, 2, 4])]
+    with pytest.raises(VocabTrimError, match="trim@8 differs from the target on question 1 at token 2"):
+        check_lossless(runs)
+
+
+def test_model_of_speed_and_bytes():
+    assert predicted_speed(0.0, 3, 0.1, {4: 1.0}) == pytest.approx(1 / 1.3)
+    assert predicted_speed(1.0, 3, 0.1, {4: 1.0}) == pytest.approx(4 / 1.3)
+    model = make_model("qwen2", seed=51)
+    full = step_bytes(model)
+    # the input embedding (320 x 64 floats) is not read whole, so it is not counted
+    assert full == sum(v.nbytes for k, v in _flat(model) if not k.startswith("model.embed_tokens"))
+    assert full - step_bytes(trimmed_copy(model, list(range(20)))) == (320 - 20) * 64 * 4
+
+
+def _flat(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+def test_bad_questions(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"category": "x"}\n')
+    with pytest.raises(VocabTrimError, match="line 1 is not a Spec-Bench question"):
+        read_questions(tmp_path / "q.jsonl", 2)
+    with pytest.raises(VocabTrimError, match="does not exist"):
+        read_questions(tmp_path / "none.jsonl", 2)
