@@ -21,7 +21,6 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from .errors import VocabTrimError
 from .speculative import SpecStats, speculative_generate_step
-from .trim import head_rows
 
 
 @dataclass
@@ -84,12 +83,6 @@ def step_bytes(model: nn.Module) -> int:
         if tied or not name.startswith("model.embed_tokens.")
         if name != "vocab_remap"
     )
-
-
-def head_bytes(model: nn.Module) -> int:
-    """Bytes of the drafter's output head (the tied embedding when there is no separate head)."""
-    head = model.get("lm_head") if "lm_head" in model else model.model.embed_tokens
-    return sum(v.nbytes for _, v in tree_flatten(head.parameters()))
 
 
 def blas_library() -> str:
@@ -355,6 +348,3 @@ def write_outputs(out: Path, report: dict, table: str, full_rows: int) -> list[P
 
 def runs_as_dicts(runs: list[Run]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "tokens"} | {"tokens": r.tokens} for r in runs]
-
-
-__all__ = ["Method", "head_rows"]

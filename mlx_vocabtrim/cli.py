@@ -12,11 +12,12 @@ import numpy as np
 
 from . import __version__
 from .calibrate import SOURCES, calibrate, count_dataset, count_generated, progress_bar, read_records, sample_records
+from .chat import chat
 from .convert import DTYPES
 from .errors import VocabTrimError
 from .generate import main as generate
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, resolve_model
-from .trim import head_rows, save_trimmed, trim_drafter
+from .trim import head_bytes, head_rows, save_trimmed, trim_drafter
 from .vocab import load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
 
 COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -29,6 +30,7 @@ def cli():
 
 
 cli.add_command(generate)
+cli.add_command(chat)
 
 
 @cli.command()
@@ -180,19 +182,26 @@ def show(file, model, top):
 
 @vocab.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--weights", default=None, help="Comma-separated weight per file, e.g. 4000,1 to mix a small "
+              "target-generated count with a large dataset count at equal mass [default: 1 each].")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged vocab file to write.")
-def merge(files, out):
+def merge(files, weights, out):
     """Add the counts of vocab files made with the same tokenizer."""
     docs = [load_vocab(f) for f in files]
     prints = {d["metadata"].get("tokenizer_fingerprint") for d in docs}
     sizes = {len(d["counts"]) for d in docs}
     if len(prints) != 1 or len(sizes) != 1:
         raise VocabTrimError("these vocab files come from different tokenizers: merge only files of one tokenizer")
-    counts = sum(d["counts"] for d in docs)
-    meta = {**docs[0]["metadata"], "merged_from": [str(f) for f in files], "tokens_counted": int(counts.sum()),
+    scale = _int_list(weights, "--weights") if weights else [1] * len(docs)
+    if len(scale) != len(docs) or min(scale) < 0:
+        raise VocabTrimError(f"--weights needs {len(docs)} non-negative integers, one per file")
+    counts = sum(w * d["counts"] for w, d in zip(scale, docs, strict=True))
+    sources = "+".join(dict.fromkeys(str(d["metadata"].get("source")) for d in docs))
+    meta = {**docs[0]["metadata"], "source": sources, "merged_from": [str(f) for f in files], "weights": scale,
+            "merged_metadata": [d["metadata"] for d in docs], "tokens_counted": int(counts.sum()),
             "prompts_counted": sum(d["metadata"].get("prompts_counted", 0) for d in docs)}  # fmt: skip
     save_vocab(out, counts, meta)
-    click.echo(f"Wrote {out}: {int(counts.sum())} tokens")
+    click.echo(f"Wrote {out}: {int(counts.sum())} weighted tokens")
 
 
 @cli.command()
@@ -310,7 +319,7 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
         best_k, best_gamma = tuned["choice"]["k"], tuned["choice"]["num_draft_tokens"]
         click.echo(f"Auto choice: k={best_k}, num-draft-tokens={best_gamma} "
                    f"(predicted {tuned['choice']['predicted_tokens_per_s']:.3f} tok/s)", err=True)  # fmt: skip
-        report["auto"] = tuned | {"calibration_questions": [q["question_id"] for q in pick]}
+        report["auto"] = tuned | {"calibration_questions": [q["question_id"] for q in pick], "sweep": calib}
         anchor3 = b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3)
         chosen = b.Method(f"auto (k={best_k}, gamma={best_gamma})", "ours", candidates[best_k], best_gamma, best_k)
         methods = [b.Method("target", "target"), anchor3, chosen]
@@ -319,7 +328,7 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
     if temp == 0:
         b.check_lossless(runs)
     c_of = {m.name: b.step_bytes(m.drafter) / b.step_bytes(target) for m in methods if m.drafter is not None}
-    head_of = {m.name: b.head_bytes(m.drafter) for m in methods if m.drafter is not None}
+    head_of = {m.name: head_bytes(m.drafter) for m in methods if m.drafter is not None}
     summary = b.summarize(runs, methods, c_of)
     categories = b.by_category(runs, methods, c_of)
     report |= {"summary": summary, "categories": categories, "c": c_of, "head_bytes": head_of,

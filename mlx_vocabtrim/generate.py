@@ -13,7 +13,7 @@ import mlx.core as mx
 from .errors import VocabTrimError
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, load_model, load_pair
 from .speculative import format_stats, stream_generate
-from .trim import head_rows, trim_drafter
+from .trim import head_bytes, head_rows, trim_drafter
 from .vocab import read_ranked_ids, select_keep_ids, special_ids
 
 DEFAULT_K = 16384
@@ -110,7 +110,7 @@ def main(
         drafter = None
     else:
         target, tokenizer, drafter = load_pair(model, draft_model)
-    full_rows = head_rows(drafter) if drafter is not None else 0
+    full_head = (head_rows(drafter), head_bytes(drafter)) if drafter is not None else (0, 0)
     if vocab is not None:
         trim_with_vocab(drafter, tokenizer, vocab, k)
     ids = build_prompt(tokenizer, prompt, system_prompt, ignore_chat_template)
@@ -130,7 +130,10 @@ def main(
     if verbose and response is not None:
         click.echo(format_stats(response))
         if drafter is not None:
-            click.echo(f"Drafter head: {full_rows} -> {head_rows(drafter)} rows")
+            click.echo(
+                f"Drafter head: {full_head[0]} -> {head_rows(drafter)} rows "
+                f"({full_head[1] / 1e6:.1f} MB -> {head_bytes(drafter) / 1e6:.1f} MB)"
+            )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ def head_rows(model: nn.Module) -> int:
     return _rows(head)
 
 
+def head_bytes(model: nn.Module) -> int:
+    """Bytes of the output head's weights (the tied embedding when there is no separate head)."""
+    head, _ = _output_head(model)
+    return sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+
+
 def _rows(layer: nn.Module) -> int:
     return int(layer.weight.shape[0])
 
