@@ -17,6 +17,7 @@ from .convert import DTYPES
 from .errors import VocabTrimError
 from .generate import main as generate
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, resolve_model
+from .serve import serve
 from .trim import head_bytes, head_rows, save_trimmed, trim_drafter
 from .vocab import load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
 
@@ -31,6 +32,7 @@ def cli():
 
 cli.add_command(generate)
 cli.add_command(chat)
+cli.add_command(serve)
 
 
 @cli.command()
