@@ -170,9 +170,16 @@ def show(file, model, top):
     doc = load_vocab(file)
     counts, meta = doc["counts"], doc["metadata"]
     click.echo(f"{file}: {len(counts)} ids, {int(counts.sum())} tokens counted, {int((counts > 0).sum())} distinct")
-    for key in ("source", "data", "target", "prompts_counted", "command"):
-        if key in meta:
-            click.echo(f"  {key}: {meta[key]}")
+    parts = meta.get("merged_metadata", [meta])
+    for n, part in enumerate(parts):
+        weight = f" x{meta['weights'][n]}" if "weights" in meta else ""
+        prefix = f"  [{n + 1}{weight}] " if len(parts) > 1 else "  "
+        click.echo(prefix + ", ".join(f"{k}: {part[k]}" for k in ("source", "data", "prompts_counted", "tokens_counted")
+                                      if k in part))  # fmt: skip
+        if "command" in part:
+            click.echo(f"{prefix}command: {part['command']}")
+    if len(parts) > 1:
+        click.echo(f"  merged by: {meta.get('command')}")
     click.echo("  k        coverage")
     for k in COVERAGE_KS:
         click.echo(f"  {k:<8} {coverage(counts, k):.2%}")
@@ -201,6 +208,7 @@ def merge(files, weights, out):
     sources = "+".join(dict.fromkeys(str(d["metadata"].get("source")) for d in docs))
     meta = {**docs[0]["metadata"], "source": sources, "merged_from": [str(f) for f in files], "weights": scale,
             "merged_metadata": [d["metadata"] for d in docs], "tokens_counted": int(counts.sum()),
+            "command": shlex.join(["mlx-vocabtrim", *sys.argv[1:]]), "tool_version": __version__,
             "prompts_counted": sum(d["metadata"].get("prompts_counted", 0) for d in docs)}  # fmt: skip
     save_vocab(out, counts, meta)
     click.echo(f"Wrote {out}: {int(counts.sum())} weighted tokens")
