@@ -1,6 +1,5 @@
 """The `mlx-vocabtrim` command group: convert, calibrate, vocab, trim, generate."""
 
-import json
 import shlex
 import sys
 from contextlib import contextmanager
@@ -16,12 +15,27 @@ from .chat import chat
 from .convert import DTYPES
 from .errors import VocabTrimError
 from .generate import main as generate
-from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, resolve_model
+from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, load_tokenizer, resolve_model
 from .serve import serve
 from .trim import head_bytes, head_rows, save_trimmed, trim_drafter
 from .vocab import load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
 
 COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def command_line() -> str:
+    """The running command with every option's resolved value: provenance that reruns it."""
+    ctx = click.get_current_context()
+    words = ["mlx-vocabtrim", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in (value if isinstance(value, tuple) else [value])]
+        elif getattr(param, "is_flag", False):
+            words += [param.opts[0]] if value else []
+        elif value is not None:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
 
 
 @click.group()
@@ -106,14 +120,7 @@ def calibrate_command(
     records = sample_records(read_records(data), num_prompts, seed)
     counted = draft_model if source == "drafter" else model
     if source == "dataset":
-        from mlx_lm.utils import load_tokenizer
-
-        path = resolve_model(model)
-        tokenizer = load_tokenizer(Path(path)) if Path(path).is_dir() else load_model(model)[1]
-        vocab_size = max(tokenizer.get_vocab().values()) + 1
-        config = Path(path) / "config.json"
-        if config.is_file():
-            vocab_size = max(vocab_size, json.loads(config.read_text()).get("vocab_size", 0))
+        tokenizer, vocab_size = load_tokenizer(model)
         count = lambda batch: count_dataset(tokenizer, batch)  # noqa: E731
     else:
         target, tokenizer = load_model(model)
@@ -142,7 +149,7 @@ def calibrate_command(
         "target": model,
         "prompts_counted": len(records),
         "tokens_counted": int(counts.sum()),
-        "command": shlex.join(["mlx-vocabtrim", *sys.argv[1:]]),
+        "command": command_line(),
         "tool_version": __version__,
     }
     save_vocab(out, counts, metadata)
@@ -183,7 +190,7 @@ def show(file, model, top):
     click.echo("  k        coverage")
     for k in COVERAGE_KS:
         click.echo(f"  {k:<8} {coverage(counts, k):.2%}")
-    tokenizer = load_model(model)[1] if model else None
+    tokenizer = load_tokenizer(model)[0] if model else None
     for i in rank_ids(counts)[:top]:
         spelled = f" {tokenizer.decode([i])!r}" if tokenizer is not None else ""
         click.echo(f"  {i:>7} {int(counts[i]):>9}{spelled}")
@@ -208,7 +215,7 @@ def merge(files, weights, out):
     sources = "+".join(dict.fromkeys(str(d["metadata"].get("source")) for d in docs))
     meta = {**docs[0]["metadata"], "source": sources, "merged_from": [str(f) for f in files], "weights": scale,
             "merged_metadata": [d["metadata"] for d in docs], "tokens_counted": int(counts.sum()),
-            "command": shlex.join(["mlx-vocabtrim", *sys.argv[1:]]), "tool_version": __version__,
+            "command": command_line(), "tool_version": __version__,
             "prompts_counted": sum(d["metadata"].get("prompts_counted", 0) for d in docs)}  # fmt: skip
     save_vocab(out, counts, meta)
     click.echo(f"Wrote {out}: {int(counts.sum())} weighted tokens")

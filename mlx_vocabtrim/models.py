@@ -118,6 +118,20 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
         raise VocabTrimError(f"cannot load model {name} ({reason}): check the name, files and network") from e
 
 
+def load_tokenizer(name: str) -> tuple[Any, int]:
+    """(tokenizer, vocabulary rows) without loading weights, when `name` resolves to a directory."""
+    from mlx_lm.utils import load_config
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    path = Path(resolve_model(name)).expanduser()
+    if not (path / "config.json").is_file():
+        model, tokenizer = load_model(name)
+        return tokenizer, head_rows(model)
+    config = load_config(path)
+    tokenizer = mlx_lm_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return tokenizer, max(config.get("vocab_size", 0), max(tokenizer.get_vocab().values()) + 1)
+
+
 def _id_to_token(tokenizer: Any) -> dict[int, str]:
     return {i: token for token, i in tokenizer.get_vocab().items()}
 
