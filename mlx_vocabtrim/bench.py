@@ -327,8 +327,8 @@ def plot(summary: dict[str, dict], full_rows: int, path: Path) -> bool:
     right = left.twinx()
     right.plot(ks, [s["tau"] for _, s in points], "^:", color="gray", label="tau")
     right.set_ylabel("tokens per target call")
-    fig.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
