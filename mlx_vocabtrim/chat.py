@@ -2,9 +2,8 @@
 
 import click
 
-from .errors import VocabTrimError
-from .generate import DEFAULT_VOCAB, trim_with_vocab
-from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, load_model, load_pair
+from .generate import load_models
+from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .speculative import stream_generate
 
 
@@ -20,18 +19,7 @@ from .speculative import stream_generate
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
 def chat(model, draft_model, vocab, k, num_draft_tokens, system_prompt, max_tokens, temp, top_p):
     """Chat in the terminal: `q` quits, `r` resets the history; speed and acceptance follow each reply."""
-    if model is None and draft_model is None:
-        model, draft_model, vocab = DEFAULT_TARGET, DEFAULT_DRAFTER, vocab or str(DEFAULT_VOCAB)
-    model = model or DEFAULT_TARGET
-    if draft_model is None:
-        if vocab or k is not None:
-            raise VocabTrimError("--vocab and --k trim a drafter: also pass --draft-model")
-        target, tokenizer = load_model(model)
-        drafter = None
-    else:
-        target, tokenizer, drafter = load_pair(model, draft_model)
-        if vocab:
-            trim_with_vocab(drafter, tokenizer, vocab, k)
+    target, tokenizer, drafter = load_models(model, draft_model, vocab, k)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = []
     click.echo("Type a message; `q` quits, `r` resets the conversation.")

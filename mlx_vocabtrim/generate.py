@@ -41,6 +41,27 @@ def trim_with_vocab(draft_model: Any, tokenizer: Any, vocab: str, k: int | None)
     trim_drafter(draft_model, select_keep_ids(ranked, k, vocab_size, special_ids(tokenizer)))
 
 
+def load_models(model: str | None, draft_model: str | None, vocab: str | None, k: int | None):
+    """(target, tokenizer, drafter or None) for the command line, the drafter trimmed with --vocab/--k.
+
+    With no model named, the packaged pair and its calibrated vocab; with only a drafter
+    named, the packaged target.
+    """
+    if model is None and draft_model is None:
+        draft_model, vocab = DEFAULT_DRAFTER, vocab or str(DEFAULT_VOCAB)
+    model = model or DEFAULT_TARGET
+    if (vocab or k is not None) and draft_model is None:
+        raise VocabTrimError("--vocab and --k trim a drafter: also pass --draft-model")
+    if k is not None and vocab is None:
+        raise VocabTrimError("--k needs --vocab: pass the vocab file to take the top k ids from")
+    if draft_model is None:
+        return (*load_model(model), None)
+    target, tokenizer, drafter = load_pair(model, draft_model)
+    if vocab is not None:
+        trim_with_vocab(drafter, tokenizer, vocab, k)
+    return target, tokenizer, drafter
+
+
 @click.command(name="generate")
 @click.option(
     "--model",
@@ -90,29 +111,13 @@ def main(
     verbose,
 ):
     """Generate text with VocabTrim speculative decoding."""
-    if model is None:
-        model = DEFAULT_TARGET
-        if draft_model is None:
-            draft_model = DEFAULT_DRAFTER
-            vocab = vocab or str(DEFAULT_VOCAB)
-    if (vocab or k is not None) and draft_model is None:
-        raise VocabTrimError("--vocab and --k trim a drafter: also pass --draft-model")
-    if k is not None and vocab is None:
-        raise VocabTrimError("--k needs --vocab: pass the vocab file to take the top k ids from")
     if max_tokens < 1:
         raise VocabTrimError(f"--max-tokens {max_tokens} is out of range: use 1 or more")
     if temp < 0 or not 0 < top_p <= 1:
         raise VocabTrimError("--temp must be >= 0 and --top-p in (0, 1]")
     if seed is not None:
         mx.random.seed(seed)
-    if draft_model is None:
-        target, tokenizer = load_model(model)
-        drafter = None
-    else:
-        target, tokenizer, drafter = load_pair(model, draft_model)
-    full_head = (head_rows(drafter), head_bytes(drafter)) if drafter is not None else (0, 0)
-    if vocab is not None:
-        trim_with_vocab(drafter, tokenizer, vocab, k)
+    target, tokenizer, drafter = load_models(model, draft_model, vocab, k)
     ids = build_prompt(tokenizer, prompt, system_prompt, ignore_chat_template)
     response = None
     for response in stream_generate(
@@ -130,9 +135,10 @@ def main(
     if verbose and response is not None:
         click.echo(format_stats(response))
         if drafter is not None:
+            full_rows, full_bytes = getattr(drafter, "trimmed_from", (head_rows(drafter), head_bytes(drafter)))
             click.echo(
-                f"Drafter head: {full_head[0]} -> {head_rows(drafter)} rows "
-                f"({full_head[1] / 1e6:.1f} MB -> {head_bytes(drafter) / 1e6:.1f} MB)"
+                f"Drafter head: {full_rows} -> {head_rows(drafter)} rows "
+                f"({full_bytes / 1e6:.1f} MB -> {head_bytes(drafter) / 1e6:.1f} MB)"
             )
 
 

@@ -97,7 +97,8 @@ def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     """Replace the drafter's output head by one with only `keep_ids` rows, in that order.
 
     The model then returns k logits per position; `draft_model.vocab_remap` (int32)
-    maps each trimmed index back to a target token id. A tied input embedding stays
+    maps each trimmed index back to a target token id and `draft_model.trimmed_from`
+    holds the replaced head's (rows, bytes). A tied input embedding stays
     whole and a separate sliced head is attached; an untied full head is released.
     Trimming an already trimmed drafter selects from the original ids.
     """
@@ -106,12 +107,14 @@ def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     head, tied = _output_head(draft_model)
     ids = validate_keep_ids(keep_ids, _rows(head))
     rows = mx.array(ids, dtype=mx.int32)
+    full_size = (_rows(head), sum(v.nbytes for _, v in tree_flatten(head.parameters())))
     sliced = _slice_rows(head, rows)
     mx.eval(sliced.parameters())
     if tied:
         draft_model.args.tie_word_embeddings = False
     draft_model["lm_head"] = sliced
     draft_model["vocab_remap"] = rows
+    draft_model.trimmed_from = full_size  # (rows, bytes) of the head it replaced, for reports
     del head
     mx.clear_cache()
     return draft_model

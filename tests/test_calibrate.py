@@ -259,7 +259,7 @@ def test_trimmed_directory_generates_like_in_memory_trimming(model_dirs, target_
     assert [t for t, _, _ in a] == [t for t, _ in generate_step(mx.array(prompt), target, max_tokens=30)]
     code, out = invoke("generate", "--model", model_dirs["target"], "--draft-model", tmp_path / "trimmed",
                        "--max-tokens", 10, "--verbose")  # fmt: skip
-    assert code == 0 and "Drafter head: 40 -> 40 rows" in out, out
+    assert code == 0 and "Drafter head: 320 -> 40 rows" in out, out
 
 
 def test_trim_bad_inputs(model_dirs, target_vocab, tmp_path):
