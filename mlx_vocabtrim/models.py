@@ -159,11 +159,12 @@ def check_pair(
             f"{target_name} and {draft_name} stop on different EOS ids ({t_eos} vs {d_eos}): "
             "pick a drafter from the target's model family"
         )
-    t_rows = head_rows(target)
+    # ids the target can emit: its tokenizer's (heads are often padded past the tokenizer)
+    t_rows = min(head_rows(target), max(t_tokens) + 1)
     remap = getattr(drafter, "vocab_remap", None)
-    if remap is not None and int(remap.max()) >= t_rows:
+    if remap is not None and int(remap.max()) >= head_rows(target):
         raise VocabTrimError(
-            f"{draft_name} keeps id {int(remap.max())} but {target_name} has only {t_rows} ids: "
+            f"{draft_name} keeps id {int(remap.max())} but {target_name} scores only {head_rows(target)} ids: "
             "trim the drafter with a vocab made for this target"
         )
     d_rows = t_rows if remap is not None else head_rows(drafter)

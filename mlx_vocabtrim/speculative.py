@@ -82,25 +82,26 @@ def verify_sampled(
     q: (gamma, k) drafter probs over its kept ids (`indices` into q; `remap` maps them
     to target ids, None when untrimmed). Returns accept flags (draft x kept with
     probability min(1, p(x)/q(x))), a draw from normalize(max(p - q, 0)) for every
-    position, and the bonus draw from p after the last draft.
+    position, and the bonus draw from p after the last draft. An untrimmed drafter may
+    score more or fewer rows than the target (padded vocabularies): ids the target cannot
+    emit are never accepted, which keeps the output distribution exact.
     """
     gamma = drafted.size
     bonus = mx.random.categorical(p_logprobs[gamma])
     if gamma == 0:
         return mx.array([], mx.bool_), mx.array([], mx.uint32), bonus
     p = mx.exp(p_logprobs[:gamma])
-    if remap is None and q.shape[-1] != p.shape[-1]:
-        raise VocabTrimError(
-            f"the drafter scores {q.shape[-1]} ids but the target {p.shape[-1]}: "
-            "trim the drafter to the target's vocabulary to sample"
-        )
-    p_draft = mx.take_along_axis(p, drafted[:, None].astype(mx.int32), axis=-1)[:, 0]
+    vocab = p.shape[-1]
+    ids = drafted[:, None].astype(mx.int32)
+    p_draft = mx.where(ids < vocab, mx.take_along_axis(p, mx.minimum(ids, vocab - 1), axis=-1), 0.0)[:, 0]
     q_draft = mx.take_along_axis(q, indices[:, None].astype(mx.int32), axis=-1)[:, 0]
     accept = mx.random.uniform(shape=(gamma,)) * q_draft < p_draft
-    if remap is None:
-        q_full = q
-    else:
+    if remap is not None:
         q_full = mx.put_along_axis(mx.zeros_like(p), mx.broadcast_to(remap[None], q.shape), q, axis=-1)
+    elif q.shape[-1] >= vocab:  # ids the target cannot emit are never accepted; their mass leaves q
+        q_full = q[:, :vocab]
+    else:
+        q_full = mx.pad(q, [(0, 0), (0, vocab - q.shape[-1])])
     residual = mx.maximum(p - q_full, 0.0)
     return accept, mx.random.categorical(mx.log(residual)), bonus
 

@@ -53,9 +53,9 @@ def test_different_eos_is_refused(model_dirs, tmp_path):
 
 def test_drafter_head_must_cover_the_target(model_dirs, tokenizer_dir, tmp_path):
     small = save_model(
-        make_model("qwen2", seed=3, vocab=315), model_config("qwen2", vocab=315), tokenizer_dir, tmp_path / "s"
+        make_model("qwen2", seed=3, vocab=200), model_config("qwen2", vocab=200), tokenizer_dir, tmp_path / "s"
     )
-    with pytest.raises(VocabTrimError, match="first uncovered id 315"):
+    with pytest.raises(VocabTrimError, match="first uncovered id 200"):
         load_pair(str(model_dirs["target"]), str(small))
 
 

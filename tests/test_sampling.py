@@ -95,9 +95,11 @@ def test_generator_first_token_matches_target(logits):
     assert from_draft > 0
 
 
-def test_untrimmed_sampling_matches_target(logits):
+@pytest.mark.parametrize("drafter_rows", [VOCAB, VOCAB + 10, VOCAB - 5])
+def test_untrimmed_sampling_matches_target(logits, drafter_rows):
+    """Also with padded vocabularies: a drafter scoring more or fewer rows than the target."""
     target, _, t_logits, _ = logits
-    drafter = make_model("llama", seed=33)
+    drafter = make_model("llama", seed=33, vocab=drafter_rows)
     p = np.array(mx.exp(sampling_logprobs(t_logits, 1.0, 1.0)))
     mx.random.seed(12)
     samples = []
