@@ -54,6 +54,9 @@ def _handler_class(base: type, served: tuple[str, ...]) -> type:
         def do_POST(self):
             length = self.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                remaining = min(int(length), 64 * MAX_BODY_BYTES)  # drain so the client reads the answer
+                while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 16))):
+                    remaining -= len(chunk)
                 return self._error(413, f"request body over {MAX_BODY_BYTES} bytes")
             raw = self.rfile.read(int(length)) if length.isdigit() else b""
             try:
