@@ -18,7 +18,7 @@ from .generate import main as generate
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, load_tokenizer, resolve_model
 from .serve import serve
 from .trim import head_bytes, head_rows, save_trimmed, trim_drafter
-from .vocab import load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
+from .vocab import check_vocab, load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
 
 COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -234,8 +234,7 @@ def trim(draft_model, vocab_file, k, out):
 
     model, tokenizer = load_model(draft_model)
     doc = load_vocab(vocab_file)
-    if doc["metadata"].get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
-        raise VocabTrimError(f"vocab file {vocab_file} was made for another tokenizer: calibrate with this model's")
+    check_vocab(doc, vocab_file, tokenizer)
     rows = head_rows(model)
     keep = select_keep_ids(rank_ids(doc["counts"]), k, rows, special_ids(tokenizer))
     trim_drafter(model, keep)

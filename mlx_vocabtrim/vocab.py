@@ -79,6 +79,20 @@ def rank_ids(counts: np.ndarray) -> list[int]:
     return np.lexsort((np.arange(len(counts)), -np.asarray(counts))).tolist()
 
 
+def check_vocab(vocab: dict, path: str | Path, tokenizer: Any) -> None:
+    """Refuse a vocab file made for another tokenizer (fingerprint) or covering too few ids."""
+    expected = vocab["metadata"].get("tokenizer_fingerprint")
+    if expected and expected != tokenizer_fingerprint(tokenizer):
+        raise VocabTrimError(
+            f"vocab file {path} was made for another tokenizer: calibrate a vocab with this target's tokenizer"
+        )
+    if len(vocab["counts"]) < len(tokenizer.get_vocab()):
+        raise VocabTrimError(
+            f"vocab file {path} covers {len(vocab['counts'])} ids but the tokenizer has "
+            f"{len(tokenizer.get_vocab())}: calibrate a vocab with this target's tokenizer"
+        )
+
+
 def read_ranked_ids(path: str | Path, tokenizer: Any = None) -> list[int]:
     """Ranked ids from a vocab file (.json/.json.gz) or a text file of ids, best first.
 
@@ -87,16 +101,8 @@ def read_ranked_ids(path: str | Path, tokenizer: Any = None) -> list[int]:
     path = Path(path)
     if path.name.endswith((".json", ".json.gz")):
         vocab = load_vocab(path)
-        expected = vocab["metadata"].get("tokenizer_fingerprint")
-        if tokenizer is not None and expected and expected != tokenizer_fingerprint(tokenizer):
-            raise VocabTrimError(
-                f"vocab file {path} was made for another tokenizer: calibrate a vocab with this target's tokenizer"
-            )
-        if tokenizer is not None and len(vocab["counts"]) < len(tokenizer.get_vocab()):
-            raise VocabTrimError(
-                f"vocab file {path} covers {len(vocab['counts'])} ids but the tokenizer has "
-                f"{len(tokenizer.get_vocab())}: calibrate a vocab with this target's tokenizer"
-            )
+        if tokenizer is not None:
+            check_vocab(vocab, path, tokenizer)
         return rank_ids(vocab["counts"])
     if not path.is_file():
         raise VocabTrimError(f"vocab file {path} does not exist: check the path")
