@@ -8,7 +8,7 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class Run:
     drafted: int
     accepted: int
     tokens: list
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    from_draft: list = field(default_factory=list)
 
 
 def read_questions(path: str | Path, per_category: int | None) -> list[dict]:
@@ -71,6 +74,16 @@ def read_questions(path: str | Path, per_category: int | None) -> list[dict]:
     if not questions:
         raise VocabTrimError(f"{path} holds no questions")
     return questions
+
+
+def tuning_questions(path: str | Path, chosen: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """n questions for --auto spread over the file, outside the benchmarked ones when the
+    file has enough; else taken from them. Returns (tuning, benchmarked)."""
+    ids = {q["question_id"] for q in chosen}
+    rest = [q for q in read_questions(path, None) if q["question_id"] not in ids]
+    pool = rest if len(rest) >= n else chosen
+    tuning = pool[:: max(len(pool) // max(n, 1), 1)][:n]
+    return tuning, [q for q in chosen if q not in tuning]
 
 
 def step_bytes(model: nn.Module) -> int:
@@ -126,21 +139,30 @@ def environment(model: nn.Module) -> dict:
     }
 
 
-def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], list[bool]]:
-    tokens, from_draft = [], []
+def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], list[bool], int, float]:
+    """Tokens, their from-draft flags, and how many tokens / what time the first round ended at.
+
+    A round ends with the token the target itself chose (from_draft False), so the time
+    after the first such token covers whole rounds only: prefill and the first round's
+    latency stay out of the decode rate, with no free tokens counted in it.
+    """
+    tokens, from_draft, first_round, first_time = [], [], 0, 0.0
     for item in tokens_iter:
         token = int(item[0])
         if token in eos:
             break
         tokens.append(token)
         from_draft.append(bool(item[2]) if len(item) > 2 else False)
+        if not first_round and not from_draft[-1]:
+            first_round, first_time = len(tokens), time.perf_counter()
         if len(tokens) == max_tokens:
             break
-    return tokens, from_draft
+    return tokens, from_draft, first_round, first_time
 
 
 def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, eos: set[int]) -> Run:
-    """Decode `prompt` with `method`, timing the whole generation (prefill included)."""
+    """Decode `prompt` with `method`, timing the whole generation (prefill included) and,
+    apart, the decoding after the first round (mlx-lm's "generation tokens-per-sec")."""
     from mlx_lm.sample_utils import make_sampler
 
     ids = mx.array(prompt, mx.uint32)
@@ -154,9 +176,12 @@ def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: 
     else:
         gen = speculative_generate_step(ids, model, method.drafter, num_draft_tokens=method.gamma,
                                         max_tokens=max_tokens, temp=temp, stats=stats)  # fmt: skip
-    tokens, from_draft = _decode(gen, max_tokens, eos)
+    tokens, from_draft, first_round, first_time = _decode(gen, max_tokens, eos)
     gen.close()
-    seconds = time.perf_counter() - tic
+    end = time.perf_counter()
+    seconds = end - tic
+    decode_tokens = len(tokens) - first_round if first_round else 0
+    decode_seconds = end - first_time if decode_tokens else 0.0
     if method.kind == "target":
         calls, drafted, accepted = len(tokens), 0, 0
     elif method.kind == "mlx-lm-spec":
@@ -165,7 +190,8 @@ def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: 
         drafted = calls * method.gamma
     else:
         calls, drafted, accepted = stats.target_calls, stats.draft_tokens, stats.accepted_tokens
-    return Run(method.name, "", None, len(prompt), len(tokens), seconds, max(calls, 1), drafted, accepted, tokens)
+    return Run(method.name, "", None, len(prompt), len(tokens), seconds, max(calls, 1), drafted, accepted, tokens,
+               decode_tokens, decode_seconds, from_draft)  # fmt: skip
 
 
 def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float]) -> dict[str, dict]:
@@ -174,6 +200,7 @@ def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float]) ->
     for m in methods:
         rs = [r for r in runs if r.method == m.name]
         tokens, seconds = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
+        decode_tokens, decode_seconds = sum(r.decode_tokens for r in rs), sum(r.decode_seconds for r in rs)
         calls, drafted, accepted = (sum(getattr(r, f) for r in rs) for f in ("target_calls", "drafted", "accepted"))
         tau = tokens / calls if calls else 0.0
         gamma = drafted / calls if calls else 0.0
@@ -183,17 +210,20 @@ def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float]) ->
             "tokens": tokens,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
             "tau": tau,
             "acceptance": accepted / drafted if drafted else 0.0,
             "drafts_per_call": gamma,
             "c": c_of.get(m.name, 0.0),
             "mbsu": tau / (c_of.get(m.name, 0.0) * gamma + 1),
         }
-    base = out.get("target", {}).get("tokens_per_s")
-    anchor = next((v["tokens_per_s"] for k, v in out.items() if k.startswith("mlx-lm-spec")), None)
-    for v in out.values():
-        v["speedup_vs_target"] = v["tokens_per_s"] / base if base else None
-        v["speedup_vs_mlx_lm_spec"] = v["tokens_per_s"] / anchor if anchor else None
+    anchor = next((k for k in out if k.startswith("mlx-lm-spec")), None)
+    for rate, prefix in (("decode_tokens_per_s", ""), ("tokens_per_s", "e2e_")):
+        base = out["target"][rate] if "target" in out else None
+        spec = out[anchor][rate] if anchor else None
+        for v in out.values():
+            v[f"{prefix}speedup_vs_target"] = v[rate] / base if base else None
+            v[f"{prefix}speedup_vs_mlx_lm_spec"] = v[rate] / spec if spec else None
     return out
 
 
@@ -232,30 +262,60 @@ def measure_step(model: nn.Module, context: list[int], n: int, repeats: int = 3)
     return sorted(times)[len(times) // 2]
 
 
-def predicted_speed(alpha: float, gamma: int, t_draft: float, t_verify: dict[int, float]) -> float:
-    """Tokens/s of speculative decoding under i.i.d. acceptance alpha:
-    E[tau] = (1 - alpha^(gamma+1)) / (1 - alpha) tokens per round of gamma drafter steps + one verify."""
-    tau = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+def accepted_runs(tokens: list[int], from_draft: list[bool]) -> list[list[int]]:
+    """The accepted drafts of every finished round: each round ends with the target's own token."""
+    rounds, current = [], []
+    for token, drafted in zip(tokens, from_draft, strict=True):
+        if drafted:
+            current.append(token)
+        else:
+            rounds.append(current)
+            current = []
+    return rounds
+
+
+def expected_tau(rounds: list[list[int]], kept: set[int] | None, gamma: int) -> float:
+    """Tokens per target call at draft length gamma with a head keeping `kept` (None: all),
+    from rounds greedily drafted at a longer length with the full head.
+
+    A greedy draft is accepted when it equals the target's token. The trimmed argmax equals
+    the full one whenever that id is kept, so a trimmed drafter accepts the same prefix
+    up to the first accepted id it lacks (where it surely fails: the target's token is
+    not in its head). A round then yields 1 + min(that prefix, gamma) tokens.
+    """
+
+    def prefix(run: list[int]) -> int:
+        return next((i for i, t in enumerate(run) if kept is not None and t not in kept), len(run))
+
+    return 1 + sum(min(prefix(r), gamma) for r in rounds) / len(rounds) if rounds else 1.0
+
+
+def predicted_speed(tau: float, gamma: int, t_draft: float, t_verify: dict[int, float]) -> float:
+    """Tokens/s of rounds of gamma drafter steps plus one target pass over gamma + 1 tokens."""
     return tau / (gamma * t_draft + t_verify[gamma + 1])
 
 
-def auto_tune(model: nn.Module, drafters: dict[int | None, nn.Module], acceptance: dict[int | None, float],
-              gammas: list[int], context: list[int]) -> dict:  # fmt: skip
-    """Pick (k, num_draft_tokens) maximizing predicted tokens/s from measured step times and acceptance."""
+def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[list[int]], gammas: list[int],
+              context: list[int]) -> dict:  # fmt: skip
+    """Pick (k, num_draft_tokens) maximizing predicted tokens/s.
+
+    `rounds` are the accepted drafts of full-head greedy runs at max(gammas); tau for every
+    (k, gamma) follows from them (`expected_tau`), step times are measured after `context`:
+    the target over 1..max(gammas)+1 tokens, each drafter over one token.
+    """
     t_verify = {n: measure_step(model, context, n) for n in range(1, max(gammas) + 2)}
     t_draft = {k: measure_step(d, context, 1) for k, d in drafters.items()}
-    table = [
-        {
-            "k": k,
-            "num_draft_tokens": g,
-            "predicted_tokens_per_s": predicted_speed(acceptance[k], g, t_draft[k], t_verify),
-        }
-        for k in drafters
-        for g in gammas
-    ]
+    remaps = {k: getattr(d, "vocab_remap", None) for k, d in drafters.items()}
+    kept = {k: None if r is None else set(r.tolist()) for k, r in remaps.items()}
+    table = []
+    for k in drafters:
+        for g in gammas:
+            tau = expected_tau(rounds, kept[k], g)
+            table.append({"k": k, "num_draft_tokens": g, "expected_tau": tau,
+                          "predicted_tokens_per_s": predicted_speed(tau, g, t_draft[k], t_verify)})  # fmt: skip
     best = max(table, key=lambda row: row["predicted_tokens_per_s"])
     return {"choice": best, "table": table, "t_verify": t_verify, "t_draft": {str(k): v for k, v in t_draft.items()},
-            "acceptance": {str(k): v for k, v in acceptance.items()}}  # fmt: skip
+            "rounds": len(rounds)}  # fmt: skip
 
 
 def interleave(questions: list[dict], methods: list[Method], model: nn.Module, encode: Callable[[str], list[int]],
@@ -278,22 +338,27 @@ def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, h
     """The overall table, then speed-up over the target per category."""
     lines = [
         f"MLX {env['mlx']} on {env['device']} ({env['cpu']}, {env['cores']} cores), weights {env['dtype']}, "
-        f"BLAS {env['blas']}",
+        f"BLAS {env['blas']}. Decode: tokens/s after the first round, as mlx-lm's generation tokens-per-sec; "
+        "end-to-end: all tokens over the whole call, prefill included.",
         "",
-        "| method | k | draft tokens | drafter head MB | tau | acceptance | MBSU | tokens/s | vs target "
-        "| vs mlx-lm-spec |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | k | draft tokens | drafter head MB | tau | acceptance | MBSU | decode tok/s | vs target "
+        "| vs mlx-lm-spec | end-to-end tok/s | vs target | vs mlx-lm-spec |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(x: float | None) -> str:
+        return f"{x:.2f}x" if x else "-"
+
     for name, s in summary.items():
-        vs_t = f"{s['speedup_vs_target']:.2f}x" if s["speedup_vs_target"] else "-"
-        vs_m = f"{s['speedup_vs_mlx_lm_spec']:.2f}x" if s["speedup_vs_mlx_lm_spec"] else "-"
         head = f"{head_of[name] / 1e6:.1f}" if name in head_of else "-"
         lines.append(
             f"| {name} | {s['k'] or '-'} | {s['num_draft_tokens'] or '-'} | {head} | {s['tau']:.2f} | "
-            f"{s['acceptance']:.1%} | {s['mbsu']:.2f} | {s['tokens_per_s']:.3f} | {vs_t} | {vs_m} |"
+            f"{s['acceptance']:.1%} | {s['mbsu']:.2f} | {s['decode_tokens_per_s']:.3f} | "
+            f"{ratio(s['speedup_vs_target'])} | {ratio(s['speedup_vs_mlx_lm_spec'])} | {s['tokens_per_s']:.3f} | "
+            f"{ratio(s['e2e_speedup_vs_target'])} | {ratio(s['e2e_speedup_vs_mlx_lm_spec'])} |"
         )
     names = list(summary)
-    lines += ["", "Speed-up over `target` by category (tokens/s ratio):", "",
+    lines += ["", "Decode speed-up over `target` by category:", "",
               "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
     for cat, s in categories.items():
         cells = [f"{s[n]['speedup_vs_target']:.2f}x" if s[n]["speedup_vs_target"] else "-" for n in names]
@@ -319,7 +384,7 @@ def plot(summary: dict[str, dict], full_rows: int, path: Path) -> bool:
         return False
     ks = [k for k, _ in points]
     fig, left = plt.subplots(figsize=(6, 3.6))
-    left.plot(ks, [s["speedup_vs_target"] for _, s in points], "o-", label="speed-up vs target")
+    left.plot(ks, [s["speedup_vs_target"] for _, s in points], "o-", label="decode speed-up vs target")
     left.plot(ks, [s["mbsu"] for _, s in points], "s--", label="MBSU")
     left.set_xscale("log", base=2)
     left.set_xlabel("k (drafter head rows)")
@@ -347,4 +412,5 @@ def write_outputs(out: Path, report: dict, table: str, full_rows: int) -> list[P
 
 
 def runs_as_dicts(runs: list[Run]) -> list[dict]:
-    return [{k: v for k, v in asdict(r).items() if k != "tokens"} | {"tokens": r.tokens} for r in runs]
+    return [{k: v for k, v in asdict(r).items() if k not in ("tokens", "from_draft")} | {"tokens": r.tokens}
+            for r in runs]  # fmt: skip

@@ -324,21 +324,31 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
     for m in methods:
         b.run_method(m, target, warm, 4, temp, eos)
     if auto:
-        pick = qs[:: max(len(qs) // auto_prompts, 1)][:auto_prompts]
-        qs = [q for q in qs if q not in pick]
-        with progress_bar_over(len(pick) * len(methods), "Auto-tuning") as advance:
-            calib_runs = b.interleave(pick, methods, target, encode, max_tokens, temp, eos, advance)
-        calib = b.summarize(calib_runs, methods, {})
+        tuning, qs = b.tuning_questions(questions, qs, auto_prompts)
+        gammas = list(range(1, 7))
+        probe = b.Method(f"full@{gammas[-1]}", "ours", drafter, gammas[-1], rows)
+        rounds = []
+        with progress_bar_over(len(tuning), "Auto-tuning") as advance:
+            for q in tuning:
+                run = b.run_method(probe, target, encode(q["prompt"]), max_tokens, 0.0, eos)
+                rounds += b.accepted_runs(run.tokens, run.from_draft)
+                advance()
         candidates = {rows: drafter, **trimmed}
-        acceptance = {rows: calib["full"]["acceptance"], **{k: calib[f"trim@{k}"]["acceptance"] for k in trimmed}}
-        tuned = b.auto_tune(target, candidates, acceptance, list(range(1, 7)), warm * 8)
+        tuned = b.auto_tune(target, candidates, rounds, gammas, encode(tuning[0]["prompt"]))
         best_k, best_gamma = tuned["choice"]["k"], tuned["choice"]["num_draft_tokens"]
-        click.echo(f"Auto choice: k={best_k}, num-draft-tokens={best_gamma} "
-                   f"(predicted {tuned['choice']['predicted_tokens_per_s']:.3f} tok/s)", err=True)  # fmt: skip
-        report["auto"] = tuned | {"calibration_questions": [q["question_id"] for q in pick], "sweep": calib}
-        anchor3 = b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3)
-        chosen = b.Method(f"auto (k={best_k}, gamma={best_gamma})", "ours", candidates[best_k], best_gamma, best_k)
-        methods = [b.Method("target", "target"), anchor3, chosen]
+        same = [m for m in methods if m.kind == "ours" and (m.k, m.gamma) == (best_k, best_gamma)]
+        chosen = same[0] if same else b.Method(f"auto: trim@{best_k} x{best_gamma}", "ours", candidates[best_k],
+                                               best_gamma, best_k)  # fmt: skip
+        click.echo(f"Auto choice: k={best_k}, num-draft-tokens={best_gamma} (predicted "
+                   f"{tuned['choice']['predicted_tokens_per_s']:.3f} tok/s), confirmed as {chosen.name!r}",
+                   err=True)  # fmt: skip
+        report["auto"] = tuned | {"method": chosen.name, "tuning_questions": [q["question_id"] for q in tuning]}
+        if gamma != 3:  # the anchor the choice is judged against: mlx-lm's default draft length
+            methods.insert(1, b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3))
+            b.run_method(methods[1], target, warm, 4, temp, eos)
+        if not same:
+            methods.append(chosen)
+            b.run_method(chosen, target, warm, 4, temp, eos)
     with progress_bar_over(len(qs) * len(methods), "Benchmark") as advance:
         runs = b.interleave(qs, methods, target, encode, max_tokens, temp, eos, advance)
     if temp == 0:

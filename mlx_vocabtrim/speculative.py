@@ -58,9 +58,20 @@ def sampling_logprobs(logits: mx.array, temp: float, top_p: float) -> mx.array:
     return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
 
 
+def _body(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (mlx-lm's `model.model`), or the model itself.
+
+    Prefill needs only the KV cache: skipping the head saves a (tokens x vocab) matmul
+    per chunk, a sixth of a 1.5B target's prefill and a quarter of a 0.5B drafter's.
+    """
+    body = getattr(model, "model", None)
+    return body if isinstance(body, nn.Module) and hasattr(body, "layers") and hasattr(body, "embed_tokens") else model
+
+
 def _prefill(model: nn.Module, cache: list, tokens: mx.array, step: int) -> None:
+    body = _body(model)
     for start in range(0, tokens.size, step):
-        model(tokens[start : start + step][None], cache=cache)
+        body(tokens[start : start + step][None], cache=cache)
         mx.eval([c.state for c in cache])
     mx.clear_cache()
 

@@ -7,7 +7,16 @@ from click.testing import CliRunner
 from conftest import make_model
 
 from mlx_vocabtrim import VocabTrimError
-from mlx_vocabtrim.bench import Run, check_lossless, predicted_speed, read_questions, step_bytes
+from mlx_vocabtrim.bench import (
+    Run,
+    accepted_runs,
+    check_lossless,
+    expected_tau,
+    predicted_speed,
+    read_questions,
+    step_bytes,
+    tuning_questions,
+)
 from mlx_vocabtrim.cli import cli
 from mlx_vocabtrim.trim import trimmed_copy
 
@@ -51,9 +60,14 @@ def test_sweep_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
     assert [r["method"] for r in report["runs"][:5]] == methods
     assert set(report["categories"]) == set(CATEGORIES)
     target = report["summary"]["target"]
-    assert target["tau"] == 1.0 and target["speedup_vs_target"] == 1.0
+    assert target["tau"] == 1.0 and target["speedup_vs_target"] == 1.0 == target["e2e_speedup_vs_target"]
+    for run in report["runs"]:  # decode excludes prefill and the first round, never counts more than it times
+        assert 0 < run["decode_tokens"] < run["new_tokens"] and 0 < run["decode_seconds"] < run["seconds"]
     for name in methods[1:]:
         s = report["summary"][name]
+        assert s["speedup_vs_mlx_lm_spec"] == pytest.approx(
+            s["decode_tokens_per_s"] / report["summary"]["mlx-lm-spec@3"]["decode_tokens_per_s"]
+        )
         assert s["tokens"] == target["tokens"], "same greedy output, same length"
         assert 1.0 <= s["tau"] <= 4.0 and 0 <= s["acceptance"] <= 1
         assert s["mbsu"] == pytest.approx(s["tau"] / (s["c"] * s["drafts_per_call"] + 1))
@@ -68,19 +82,53 @@ def test_sweep_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
 
 def test_auto_picks_and_confirms(model_dirs, bench_inputs, tmp_path):
     args = bench_args(
-        model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "3", "--auto", "--auto-prompts", "2"
-    )
+        model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "3", "--auto", "--auto-prompts", "2",
+        "--num-draft-tokens", "2",
+    )  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
-    choice = report["auto"]["choice"]
+    auto = report["auto"]
+    choice = auto["choice"]
     assert choice["k"] in (40, 320) and 1 <= choice["num_draft_tokens"] <= 6
-    assert len(report["auto"]["table"]) == 2 * 6
-    best = max(row["predicted_tokens_per_s"] for row in report["auto"]["table"])
+    assert len(auto["table"]) == 2 * 6 and auto["rounds"] > 0
+    best = max(row["predicted_tokens_per_s"] for row in auto["table"])
     assert choice["predicted_tokens_per_s"] == best
+    for row in auto["table"]:  # the speed model, from the measured step times
+        t = (
+            auto["t_draft"][str(row["k"])] * row["num_draft_tokens"]
+            + auto["t_verify"][str(row["num_draft_tokens"] + 1)]
+        )
+        assert row["predicted_tokens_per_s"] == pytest.approx(row["expected_tau"] / t)
     names = list(report["summary"])
-    assert names[:2] == ["target", "mlx-lm-spec@3"] and names[2].startswith("auto (k=")
-    assert len(report["runs"]) == 7 * 3, "the 2 tuning prompts are not counted in the confirmation"
+    assert names[:3] == ["target", "mlx-lm-spec@3", "mlx-lm-spec@2"], "the anchor at mlx-lm's default comes first"
+    assert auto["method"] in names and names[3:5] == ["full", "trim@40"]
+    assert auto["method"] in ("full", "trim@40") or auto["method"].startswith("auto: trim@")
+    assert report["summary"]["target"]["speedup_vs_mlx_lm_spec"] == pytest.approx(
+        report["summary"]["target"]["decode_tokens_per_s"] / report["summary"]["mlx-lm-spec@3"]["decode_tokens_per_s"]
+    )
+    assert len(report["runs"]) == 7 * len(names), "the 2 tuning prompts are not in the confirmation"
+    assert not set(auto["tuning_questions"]) & {r["question_id"] for r in report["runs"]}
+
+
+def test_tuning_prompts_come_from_outside_the_benchmark(bench_inputs):
+    chosen = read_questions(bench_inputs / "question.jsonl", 1)
+    tuning, benched = tuning_questions(bench_inputs / "question.jsonl", chosen, 3)
+    assert benched == chosen and len(tuning) == 3
+    assert not {q["question_id"] for q in tuning} & {q["question_id"] for q in chosen}
+
+
+def test_tau_of_every_k_and_gamma_from_one_long_draft_run():
+    # rounds at gamma 4: accepted [5, 6, 7, 8] (all), [5, 9] then a rejection, [] (first draft rejected)
+    tokens = [5, 6, 7, 8, 1, 5, 9, 2, 3]
+    from_draft = [True, True, True, True, False, True, True, False, False]
+    rounds = accepted_runs(tokens + [4], from_draft + [True])  # an unfinished last round is dropped
+    assert rounds == [[5, 6, 7, 8], [5, 9], []]
+    assert expected_tau(rounds, None, 4) == pytest.approx(1 + (4 + 2 + 0) / 3)
+    assert expected_tau(rounds, None, 1) == pytest.approx(1 + (1 + 1 + 0) / 3)
+    # a head without 7: the first round stops before 7; without 5 every round stops at once
+    assert expected_tau(rounds, {5, 6, 8, 9}, 4) == pytest.approx(1 + (2 + 2 + 0) / 3)
+    assert expected_tau(rounds, {6, 7, 8, 9}, 4) == 1.0
 
 
 def test_a_mismatch_fails_loudly():
@@ -90,8 +138,8 @@ def test_a_mismatch_fails_loudly():
 
 
 def test_model_of_speed_and_bytes():
-    assert predicted_speed(0.0, 3, 0.1, {4: 1.0}) == pytest.approx(1 / 1.3)
-    assert predicted_speed(1.0, 3, 0.1, {4: 1.0}) == pytest.approx(4 / 1.3)
+    assert predicted_speed(1.0, 3, 0.1, {4: 1.0}) == pytest.approx(1 / 1.3)
+    assert predicted_speed(4.0, 3, 0.1, {4: 1.0}) == pytest.approx(4 / 1.3)
     model = make_model("qwen2", seed=51)
     full = step_bytes(model)
     # the input embedding (320 x 64 floats) is not read whole, so it is not counted

@@ -146,3 +146,24 @@ def test_responses_carry_mlx_lm_fields_and_stats(pair, tokenizer):
     assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory >= 0
     assert last.draft_tokens > 0 and last.accepted_tokens == last.draft_tokens
     assert last.target_calls < 20
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_prefill_skips_the_lm_head(arch):
+    """The prompt only fills the KV caches: the head scores one row per model, not the prompt."""
+    target, drafter = make_model(arch, seed=71), make_model(arch, seed=72)
+    rows = []
+
+    def counting(head):
+        def call(x):
+            rows.append(x.shape[1])
+            return head(x)
+
+        return call
+
+    for m in (target, drafter):
+        m.lm_head = counting(m.lm_head)
+    prompt = list(range(3, 43))
+    out = [t for t, _, _ in speculative_generate_step(prompt, target, drafter, num_draft_tokens=1, max_tokens=1)]
+    assert out == reference(make_model(arch, seed=71), prompt, 1)
+    assert rows and max(rows) == 1, f"the head scored {rows} positions at once"
