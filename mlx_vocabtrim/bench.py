@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -319,19 +320,66 @@ def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[lis
 
 
 def interleave(questions: list[dict], methods: list[Method], model: nn.Module, encode: Callable[[str], list[int]],
-               max_tokens: int, temp: float, eos: set[int], advance: Callable[[], None]) -> list[Run]:  # fmt: skip
-    """Every method on each prompt in turn, so drift of the machine hits all methods alike."""
+               max_tokens: int, temp: float, eos: set[int], advance: Callable[[], None],
+               done: dict[tuple, Run] | None = None,
+               record: Callable[[Run], None] | None = None) -> list[Run]:  # fmt: skip
+    """Every method on each prompt in turn, so drift of the machine hits all methods alike.
+
+    Runs found in `done` (by question id and method) are reused, new ones go to `record`.
+    """
     runs = []
     for q in questions:
         prompt = encode(q["prompt"])
         for m in methods:
-            if temp > 0:
-                mx.random.seed(hash((q["question_id"], 0)) % (2**31))
-            run = run_method(m, model, prompt, max_tokens, temp, eos)
-            run.category, run.question_id = q["category"], q["question_id"]
+            run = (done or {}).get((q["question_id"], m.name))
+            if run is None:
+                if temp > 0:
+                    mx.random.seed(zlib.crc32(str(q["question_id"]).encode()))
+                run = run_method(m, model, prompt, max_tokens, temp, eos)
+                run.category, run.question_id = q["category"], q["question_id"]
+                if record is not None:
+                    record(run)
             runs.append(run)
             advance()
     return runs
+
+
+def resume_log(out: Path, config: dict) -> tuple[list[dict], Callable[[dict], None]]:
+    """Entries an interrupted bench with the same `config` left in OUT/bench.partial.jsonl, and
+    a function appending one entry durably (a line torn by a kill is dropped on resume)."""
+    path = out / "bench.partial.jsonl"
+    entries: list[dict] = []
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        if not parsed or parsed[0].get("config") != config:
+            raise VocabTrimError(
+                f"{path} holds an unfinished bench with other settings (or is damaged): rerun with those, "
+                "pass another --out, or delete the file to start over"
+            )
+        entries = parsed[1:]
+        if len(parsed) < len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in parsed), encoding="utf-8")
+            os.replace(tmp, path)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def append(entry: dict) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    return entries, append
 
 
 def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, head_of: dict[str, int]) -> str:
@@ -400,14 +448,19 @@ def plot(summary: dict[str, dict], full_rows: int, path: Path) -> bool:
 
 
 def write_outputs(out: Path, report: dict, table: str, full_rows: int) -> list[Path]:
+    """bench.json, bench.md and (with matplotlib) bench.png, each written whole, then the
+    resume log is removed."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.md"]
-    tmp = out / ".bench.json.partial"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, paths[0])
-    paths[1].write_text(table)
-    if plot(report["summary"], full_rows, out / "bench.png"):
+    for path, text in zip(paths, (json.dumps(report, indent=1, default=str), table), strict=True):
+        tmp = out / f".{path.name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    tmp = out / ".bench.tmp.png"
+    if plot(report["summary"], full_rows, tmp):
+        os.replace(tmp, out / "bench.png")
         paths.append(out / "bench.png")
+    (out / "bench.partial.jsonl").unlink(missing_ok=True)
     return paths
 
 

@@ -3,6 +3,7 @@
 import shlex
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -322,21 +323,33 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
     vocab_used = str(vocab_file or DEFAULT_VOCAB)
     report: dict = {"environment": env, "model": model, "draft_model": draft_model, "vocab": vocab_used,
                     "questions": str(questions), "max_tokens": max_tokens, "temp": temp}  # fmt: skip
+    config = {"model": model, "draft_model": draft_model, "vocab": vocab_used, "k": k_list, "num_draft_tokens": gamma,
+              "questions": str(questions), "per_category": per_category, "max_tokens": max_tokens,
+              "max_prompt_tokens": max_prompt_tokens, "temp": temp, "auto": auto,
+              "auto_prompts": auto_prompts}  # fmt: skip
+    entries, log = b.resume_log(out, config)
+    done = {(e["run"]["question_id"], e["run"]["method"]): b.Run(**e["run"]) for e in entries if "run" in e}
+    if entries:
+        click.echo(f"Resuming the unfinished bench in {out}: {len(done)} runs done", err=True)
     warm = encode("Say hi.")
     for m in methods:
         b.run_method(m, target, warm, 4, temp, eos)
     if auto:
         tuning, qs = b.tuning_questions(questions, qs, auto_prompts)
-        gammas = list(range(1, 7))
-        probe = b.Method(f"full@{gammas[-1]}", "ours", drafter, gammas[-1], rows)
-        rounds = []
-        with progress_bar_over(len(tuning), "Auto-tuning") as advance:
-            for q in tuning:
-                run = b.run_method(probe, target, encode(q["prompt"]), max_tokens, 0.0, eos)
-                rounds += b.accepted_runs(run.tokens, run.from_draft)
-                advance()
         candidates = {rows: drafter, **trimmed}
-        tuned = b.auto_tune(target, candidates, rounds, gammas, encode(tuning[0]["prompt"]))
+        tuned = next((e["auto"] for e in entries if "auto" in e), None)
+        if tuned is None:
+            gammas = list(range(1, 7))
+            probe = b.Method(f"full@{gammas[-1]}", "ours", drafter, gammas[-1], rows)
+            rounds = []
+            with progress_bar_over(len(tuning), "Auto-tuning") as advance:
+                for q in tuning:
+                    run = b.run_method(probe, target, encode(q["prompt"]), max_tokens, 0.0, eos)
+                    rounds += b.accepted_runs(run.tokens, run.from_draft)
+                    advance()
+            tuned = b.auto_tune(target, candidates, rounds, gammas, encode(tuning[0]["prompt"]))
+            tuned["tuning_questions"] = [q["question_id"] for q in tuning]
+            log({"auto": tuned})
         best_k, best_gamma = tuned["choice"]["k"], tuned["choice"]["num_draft_tokens"]
         same = [m for m in methods if m.kind == "ours" and (m.k, m.gamma) == (best_k, best_gamma)]
         chosen = same[0] if same else b.Method(f"auto: trim@{best_k} x{best_gamma}", "ours", candidates[best_k],
@@ -344,7 +357,7 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
         click.echo(f"Auto choice: k={best_k}, num-draft-tokens={best_gamma} (predicted "
                    f"{tuned['choice']['predicted_tokens_per_s']:.3f} tok/s), confirmed as {chosen.name!r}",
                    err=True)  # fmt: skip
-        report["auto"] = tuned | {"method": chosen.name, "tuning_questions": [q["question_id"] for q in tuning]}
+        report["auto"] = tuned | {"method": chosen.name}
         if gamma != 3:  # the anchor the choice is judged against: mlx-lm's default draft length
             methods.insert(1, b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3))
             b.run_method(methods[1], target, warm, 4, temp, eos)
@@ -352,7 +365,8 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
             methods.append(chosen)
             b.run_method(chosen, target, warm, 4, temp, eos)
     with progress_bar_over(len(qs) * len(methods), "Benchmark") as advance:
-        runs = b.interleave(qs, methods, target, encode, max_tokens, temp, eos, advance)
+        runs = b.interleave(qs, methods, target, encode, max_tokens, temp, eos, advance, done,
+                            lambda run: log({"run": asdict(run)}))  # fmt: skip
     if temp == 0:
         b.check_lossless(runs)
     c_of = {m.name: b.step_bytes(m.drafter) / b.step_bytes(target) for m in methods if m.drafter is not None}

@@ -159,3 +159,59 @@ def test_bad_questions(tmp_path):
         read_questions(tmp_path / "q.jsonl", 2)
     with pytest.raises(VocabTrimError, match="does not exist"):
         read_questions(tmp_path / "none.jsonl", 2)
+
+
+def _interrupt_on(monkeypatch, when):
+    """Make bench.run_method raise when `when(calls)` is true; returns the list of method names called."""
+    import mlx_vocabtrim.bench as b
+
+    real, calls = b.run_method, []
+
+    def run_method(method, *args, **kwargs):
+        calls.append(method.name)
+        if when(calls):
+            raise RuntimeError("killed")
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(b, "run_method", run_method)
+    return calls
+
+
+def test_an_interrupted_bench_resumes_where_it_stopped(model_dirs, bench_inputs, tmp_path, monkeypatch):
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "2")
+    with monkeypatch.context() as m:  # 4 warm-ups, then killed at the 7th run: 6 runs are logged
+        _interrupt_on(m, lambda calls: len(calls) == 4 + 7)
+        assert CliRunner().invoke(cli, args).exit_code != 0
+    log = tmp_path / "bench.partial.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 + 6 and not (tmp_path / "bench.json").exists()
+    log.write_text("\n".join(lines) + '\n{"run": {"method": "tar')  # a line torn by the kill
+    calls = _interrupt_on(monkeypatch, lambda calls: False)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "6 runs done" in result.output and len(calls) == 4 + 24 - 6
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert len(report["runs"]) == 24 and not log.exists()
+    logged = [json.loads(line)["run"] for line in lines[1:]]
+    assert [r["seconds"] for r in report["runs"][:6]] == [r["seconds"] for r in logged]
+
+
+def test_an_interrupted_auto_bench_keeps_its_choice(model_dirs, bench_inputs, tmp_path, monkeypatch):
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "2", "--auto")
+    with monkeypatch.context() as m:  # killed at the second benchmarked question, after tuning
+        _interrupt_on(m, lambda calls: calls.count("target") == 3)
+        assert CliRunner().invoke(cli, args).exit_code != 0
+    tuned = json.loads((tmp_path / "bench.partial.jsonl").read_text().splitlines()[1])["auto"]
+    calls = _interrupt_on(monkeypatch, lambda calls: False)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "full@6" not in calls, "the tuning is not run again"
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["auto"]["choice"] == tuned["choice"]
+
+
+def test_a_leftover_bench_with_other_settings_is_refused(model_dirs, bench_inputs, tmp_path):
+    (tmp_path / "bench.partial.jsonl").write_text('{"config": {"max_tokens": 5}}\n')
+    result = CliRunner().invoke(cli, bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40"))
+    assert result.exit_code == 1 and "unfinished bench with other settings" in result.output
+    assert "Traceback" not in result.output
