@@ -284,7 +284,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 @click.option(
     "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy, checked lossless)."
 )
-@click.option("--auto", is_flag=True, help="Pick k and num-draft-tokens on a few prompts, confirm on the rest.")
+@click.option("--auto", is_flag=True, help="Pick k and num-draft-tokens on held-out questions, then confirm the pick.")
 @click.option(
     "--auto-prompts", type=int, default=4, show_default=True, help="Held-out questions --auto measures to pick."
 )
