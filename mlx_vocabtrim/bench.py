@@ -344,6 +344,13 @@ def interleave(questions: list[dict], methods: list[Method], model: nn.Module, e
     return runs
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def resume_log(out: Path, config: dict) -> tuple[list[dict], Callable[[dict], None]]:
     """Entries an interrupted bench with the same `config` left in OUT/bench.partial.jsonl, and
     a function appending one entry durably (a line torn by a kill is dropped on resume)."""
@@ -364,14 +371,10 @@ def resume_log(out: Path, config: dict) -> tuple[list[dict], Callable[[dict], No
             )
         entries = parsed[1:]
         if len(parsed) < len(lines):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in parsed), encoding="utf-8")
-            os.replace(tmp, path)
+            _write_whole(path, "".join(json.dumps(e) + "\n" for e in parsed))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _write_whole(path, json.dumps({"config": config}) + "\n")
 
     def append(entry: dict) -> None:
         with path.open("a", encoding="utf-8") as f:
@@ -453,9 +456,7 @@ def write_outputs(out: Path, report: dict, table: str, full_rows: int) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.md"]
     for path, text in zip(paths, (json.dumps(report, indent=1, default=str), table), strict=True):
-        tmp = out / f".{path.name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        _write_whole(path, text)
     tmp = out / ".bench.tmp.png"
     if plot(report["summary"], full_rows, tmp):
         os.replace(tmp, out / "bench.png")
