@@ -331,9 +331,6 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
     done = {(e["run"]["question_id"], e["run"]["method"]): b.Run(**e["run"]) for e in entries if "run" in e}
     if entries:
         click.echo(f"Resuming the unfinished bench in {out}: {len(done)} runs done", err=True)
-    warm = encode("Say hi.")
-    for m in methods:
-        b.run_method(m, target, warm, 4, temp, eos)
     if auto:
         tuning, qs = b.tuning_questions(questions, qs, auto_prompts)
         candidates = {rows: drafter, **trimmed}
@@ -360,10 +357,11 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
         report["auto"] = tuned | {"method": chosen.name}
         if gamma != 3:  # the anchor the choice is judged against: mlx-lm's default draft length
             methods.insert(1, b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3))
-            b.run_method(methods[1], target, warm, 4, temp, eos)
         if not same:
             methods.append(chosen)
-            b.run_method(chosen, target, warm, 4, temp, eos)
+    warm = encode("Say hi.")
+    for m in methods:  # tuning times its own steps after a warm pass; the benchmark starts warm too
+        b.run_method(m, target, warm, 4, temp, eos)
     with progress_bar_over(len(qs) * len(methods), "Benchmark") as advance:
         runs = b.interleave(qs, methods, target, encode, max_tokens, temp, eos, advance, done,
                             lambda run: log({"run": asdict(run)}))  # fmt: skip
