@@ -27,12 +27,15 @@ def head_rows(model: nn.Module) -> int:
 
 def head_bytes(model: nn.Module) -> int:
     """Bytes of the output head's weights (the tied embedding when there is no separate head)."""
-    head, _ = _output_head(model)
-    return sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+    return _bytes(_output_head(model)[0])
 
 
 def _rows(layer: nn.Module) -> int:
     return int(layer.weight.shape[0])
+
+
+def _bytes(layer: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(layer.parameters()))
 
 
 def _output_head(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -107,7 +110,7 @@ def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     head, tied = _output_head(draft_model)
     ids = validate_keep_ids(keep_ids, _rows(head))
     rows = mx.array(ids, dtype=mx.int32)
-    full_size = (_rows(head), sum(v.nbytes for _, v in tree_flatten(head.parameters())))
+    full_size = (_rows(head), _bytes(head))
     sliced = _slice_rows(head, rows)
     mx.eval(sliced.parameters())
     if tied:
