@@ -33,6 +33,7 @@ class Method:
     drafter: nn.Module | None = None
     gamma: int = 0
     k: int | None = None
+    threshold: float = 0.0  # draft_threshold: 0 drafts gamma tokens every round
 
 
 @dataclass
@@ -161,13 +162,15 @@ def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], lis
     return tokens, from_draft, first_round, first_time
 
 
-def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, eos: set[int]) -> Run:
+def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, eos: set[int],
+               stats: SpecStats | None = None) -> Run:  # fmt: skip
     """Decode `prompt` with `method`, timing the whole generation (prefill included) and,
-    apart, the decoding after the first round (mlx-lm's "generation tokens-per-sec")."""
+    apart, the decoding after the first round (mlx-lm's "generation tokens-per-sec").
+    `stats` collects our generator's counters (and drafter confidences, when a list)."""
     from mlx_lm.sample_utils import make_sampler
 
     ids = mx.array(prompt, mx.uint32)
-    stats = SpecStats()
+    stats = SpecStats() if stats is None else stats
     tic = time.perf_counter()
     if method.kind == "target":
         gen = generate_step(ids, model, max_tokens=max_tokens, sampler=make_sampler(temp))
@@ -176,7 +179,8 @@ def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: 
                                       max_tokens=max_tokens, sampler=make_sampler(temp))  # fmt: skip
     else:
         gen = speculative_generate_step(ids, model, method.drafter, num_draft_tokens=method.gamma,
-                                        max_tokens=max_tokens, temp=temp, stats=stats)  # fmt: skip
+                                        max_tokens=max_tokens, temp=temp, stats=stats,
+                                        draft_threshold=method.threshold)  # fmt: skip
     tokens, from_draft, first_round, first_time = _decode(gen, max_tokens, eos)
     gen.close()
     end = time.perf_counter()
@@ -208,6 +212,7 @@ def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float]) ->
         out[m.name] = {
             "k": m.k,
             "num_draft_tokens": m.gamma,
+            "draft_threshold": m.threshold,
             "tokens": tokens,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -275,34 +280,52 @@ def accepted_runs(tokens: list[int], from_draft: list[bool]) -> list[list[int]]:
     return rounds
 
 
-def expected_tau(rounds: list[list[int]], kept: set[int] | None, gamma: int) -> float:
-    """Tokens per target call at draft length gamma with a head keeping `kept` (None: all),
-    from rounds greedily drafted at a longer length with the full head.
+def accepted_prefix(accepted: list[int], kept: set[int] | None) -> int:
+    """Drafts a head keeping `kept` (None: all) accepts of a round the full head drafted.
 
     A greedy draft is accepted when it equals the target's token. The trimmed argmax equals
     the full one whenever that id is kept, so a trimmed drafter accepts the same prefix
     up to the first accepted id it lacks (where it surely fails: the target's token is
-    not in its head). A round then yields 1 + min(that prefix, gamma) tokens.
+    not in its head).
     """
-
-    def prefix(run: list[int]) -> int:
-        return next((i for i, t in enumerate(run) if kept is not None and t not in kept), len(run))
-
-    return 1 + sum(min(prefix(r), gamma) for r in rounds) / len(rounds) if rounds else 1.0
+    return next((i for i, t in enumerate(accepted) if kept is not None and t not in kept), len(accepted))
 
 
-def predicted_speed(tau: float, gamma: int, t_draft: float, t_verify: dict[int, float]) -> float:
-    """Tokens/s of rounds of gamma drafter steps plus one target pass over gamma + 1 tokens."""
-    return tau / (gamma * t_draft + t_verify[gamma + 1])
+def draft_length(confidence: list[float], gamma: int, threshold: float) -> int:
+    """Drafts a round makes: gamma, or fewer where the running product of the drafter's
+    probabilities first falls below `threshold` (that draft still counts)."""
+    return next((i + 1 for i, c in enumerate(confidence[:gamma]) if c < threshold), min(gamma, len(confidence)))
 
 
-def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[list[int]], gammas: list[int],
-              context: list[int]) -> dict:  # fmt: skip
-    """Pick (k, num_draft_tokens) maximizing predicted tokens/s.
+def predict(rounds: list[tuple[list[int], list[float]]], kept: set[int] | None, gamma: int, threshold: float,
+            t_draft: float, t_verify: dict[int, float]) -> tuple[float, float]:  # fmt: skip
+    """(tau, tokens/s) of drafting with at most gamma tokens and `threshold`, from rounds
+    (accepted drafts, running confidences) greedily drafted longer with the full head.
 
-    `rounds` are the accepted drafts of full-head greedy runs at max(gammas); tau for every
-    (k, gamma) follows from them (`expected_tau`), step times are measured after `context`:
-    the target over 1..max(gammas)+1 tokens, each drafter over one token.
+    A round of n drafts yields 1 + min(accepted prefix, n) tokens and costs n drafter
+    steps plus one target pass over n + 1 tokens. The confidences are the full head's;
+    a trimmed head's, renormalised over fewer ids, are a little higher.
+    """
+    if not rounds:
+        return 1.0, 1.0 / t_verify[1]
+    tokens, seconds = 0, 0.0
+    for accepted, confidence in rounds:
+        n = draft_length(confidence, gamma, threshold)
+        tokens += 1 + min(accepted_prefix(accepted, kept), n)
+        seconds += n * t_draft + t_verify[n + 1]
+    return tokens / len(rounds), tokens / seconds
+
+
+THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[tuple[list[int], list[float]]],
+              gammas: list[int], context: list[int]) -> dict:  # fmt: skip
+    """Pick (k, num_draft_tokens, draft_threshold) maximizing predicted tokens/s.
+
+    `rounds` are the (accepted drafts, drafter confidences) of full-head greedy runs at
+    max(gammas); tau for every choice follows from them (`predict`), step times are
+    measured after `context`: the target over 1..max(gammas)+1 tokens, each drafter over one token.
     """
     t_verify = {n: measure_step(model, context, n) for n in range(1, max(gammas) + 2)}
     t_draft = {k: measure_step(d, context, 1) for k, d in drafters.items()}
@@ -311,9 +334,10 @@ def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[lis
     table = []
     for k in drafters:
         for g in gammas:
-            tau = expected_tau(rounds, kept[k], g)
-            table.append({"k": k, "num_draft_tokens": g, "expected_tau": tau,
-                          "predicted_tokens_per_s": predicted_speed(tau, g, t_draft[k], t_verify)})  # fmt: skip
+            for threshold in THRESHOLDS:
+                tau, speed = predict(rounds, kept[k], g, threshold, t_draft[k], t_verify)
+                table.append({"k": k, "num_draft_tokens": g, "draft_threshold": threshold, "expected_tau": tau,
+                              "predicted_tokens_per_s": speed})  # fmt: skip
     best = max(table, key=lambda row: row["predicted_tokens_per_s"])
     return {"choice": best, "table": table, "t_verify": t_verify, "t_draft": {str(k): v for k, v in t_draft.items()},
             "rounds": len(rounds)}  # fmt: skip
@@ -402,8 +426,11 @@ def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, h
 
     for name, s in summary.items():
         head = f"{head_of[name] / 1e6:.1f}" if name in head_of else "-"
+        drafts = str(s["num_draft_tokens"] or "-")
+        if s.get("draft_threshold"):
+            drafts = f"<= {drafts}, {s['drafts_per_call']:.2f} mean"
         lines.append(
-            f"| {name} | {s['k'] or '-'} | {s['num_draft_tokens'] or '-'} | {head} | {s['tau']:.2f} | "
+            f"| {name} | {s['k'] or '-'} | {drafts} | {head} | {s['tau']:.2f} | "
             f"{s['acceptance']:.1%} | {s['mbsu']:.2f} | {s['decode_tokens_per_s']:.3f} | "
             f"{ratio(s['speedup_vs_target'])} | {ratio(s['speedup_vs_mlx_lm_spec'])} | {s['tokens_per_s']:.3f} | "
             f"{ratio(s['e2e_speedup_vs_target'])} | {ratio(s['e2e_speedup_vs_mlx_lm_spec'])} |"

@@ -13,11 +13,15 @@ from .speculative import stream_generate
 @click.option("--vocab", default=None, help="Vocab file to trim the drafter with.")
 @click.option("--k", type=int, default=None, help="Rows to keep when trimming with --vocab.")
 @click.option("--num-draft-tokens", type=int, default=3, show_default=True, help="Tokens drafted per target call.")
+@click.option(
+    "--draft-threshold", type=float, default=0.0, show_default=True,
+    help="End drafting once the drafter's confidence falls below this (0: fixed length).",
+)  # fmt: skip
 @click.option("--system-prompt", default=None, help="System message.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens per reply.")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
-def chat(model, draft_model, vocab, k, num_draft_tokens, system_prompt, max_tokens, temp, top_p):
+def chat(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, system_prompt, max_tokens, temp, top_p):
     """Chat in the terminal: `q` quits, `r` resets the history; speed and acceptance follow each reply."""
     target, tokenizer, drafter = load_models(model, draft_model, vocab, k)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -40,7 +44,8 @@ def chat(model, draft_model, vocab, k, num_draft_tokens, system_prompt, max_toke
         prompt = tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
         reply, response = "", None
         for response in stream_generate(target, tokenizer, prompt, drafter, max_tokens=max_tokens,
-                                        num_draft_tokens=num_draft_tokens, temp=temp, top_p=top_p):  # fmt: skip
+                                        num_draft_tokens=num_draft_tokens, draft_threshold=draft_threshold,
+                                        temp=temp, top_p=top_p):  # fmt: skip
             click.echo(response.text, nl=False)
             reply += response.text
         history.append({"role": "assistant", "content": reply})

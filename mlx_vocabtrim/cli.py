@@ -284,7 +284,14 @@ def _int_list(text: str, flag: str) -> list[int]:
 @click.option(
     "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy, checked lossless)."
 )
-@click.option("--auto", is_flag=True, help="Pick k and num-draft-tokens on held-out questions, then confirm the pick.")
+@click.option(
+    "--draft-threshold", type=float, default=0.0, show_default=True,
+    help="full and trim@k end a round's drafting once the drafter's confidence falls below this (0: fixed length).",
+)  # fmt: skip
+@click.option(
+    "--auto", is_flag=True,
+    help="Pick k, num-draft-tokens and draft-threshold on held-out questions, then confirm the pick.",
+)  # fmt: skip
 @click.option(
     "--auto-prompts", type=int, default=4, show_default=True, help="Held-out questions --auto measures to pick."
 )
@@ -296,16 +303,19 @@ def _int_list(text: str, flag: str) -> list[int]:
     help="Directory for bench.json, bench.md and bench.png.",
 )
 def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_category, max_tokens, max_prompt_tokens,
-          temp, auto, auto_prompts, out):  # fmt: skip
+          temp, draft_threshold, auto, auto_prompts, out):  # fmt: skip
     """Spec-Bench: target, mlx-lm-spec, full and trim@k side by side on the same prompts."""
     from . import bench as b
     from .calibrate import chat_prompt
     from .generate import DEFAULT_VOCAB
     from .models import load_pair
+    from .speculative import SpecStats
     from .trim import trimmed_copy
     from .vocab import read_ranked_ids
 
     k_list = _int_list(ks, "--k")
+    if not 0 <= draft_threshold < 1:
+        raise VocabTrimError(f"--draft-threshold {draft_threshold} is out of range: use 0 <= t < 1 (0: fixed length)")
     qs = b.read_questions(questions, per_category)
     target, tokenizer, drafter = load_pair(model, draft_model)
     rows = head_rows(drafter)
@@ -317,15 +327,15 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
     encode = lambda text: chat_prompt(tokenizer, text, max_prompt_tokens)  # noqa: E731
     gamma = num_draft_tokens
     spec = [b.Method(f"mlx-lm-spec@{gamma}", "mlx-lm-spec", drafter, gamma),
-            b.Method("full", "ours", drafter, gamma, rows)]  # fmt: skip
-    sweep = [b.Method(f"trim@{k}", "ours", d, gamma, k) for k, d in trimmed.items()]
+            b.Method("full", "ours", drafter, gamma, rows, draft_threshold)]  # fmt: skip
+    sweep = [b.Method(f"trim@{k}", "ours", d, gamma, k, draft_threshold) for k, d in trimmed.items()]
     methods = [b.Method("target", "target"), *spec, *sweep]
     vocab_used = str(vocab_file or DEFAULT_VOCAB)
     report: dict = {"environment": env, "model": model, "draft_model": draft_model, "vocab": vocab_used,
                     "questions": str(questions), "max_tokens": max_tokens, "temp": temp}  # fmt: skip
     config = {"model": model, "draft_model": draft_model, "vocab": vocab_used, "k": k_list, "num_draft_tokens": gamma,
               "questions": str(questions), "per_category": per_category, "max_tokens": max_tokens,
-              "max_prompt_tokens": max_prompt_tokens, "temp": temp, "auto": auto,
+              "max_prompt_tokens": max_prompt_tokens, "temp": temp, "draft_threshold": draft_threshold, "auto": auto,
               "auto_prompts": auto_prompts}  # fmt: skip
     entries, log = b.resume_log(out, config)
     done = {(e["run"]["question_id"], e["run"]["method"]): b.Run(**e["run"]) for e in entries if "run" in e}
@@ -341,19 +351,21 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
             rounds = []
             with progress_bar_over(len(tuning), "Auto-tuning") as advance:
                 for q in tuning:
-                    run = b.run_method(probe, target, encode(q["prompt"]), max_tokens, 0.0, eos)
-                    rounds += b.accepted_runs(run.tokens, run.from_draft)
+                    stats = SpecStats(confidences=[])
+                    run = b.run_method(probe, target, encode(q["prompt"]), max_tokens, 0.0, eos, stats)
+                    rounds += zip(b.accepted_runs(run.tokens, run.from_draft), stats.confidences, strict=False)
                     advance()
             tuned = b.auto_tune(target, candidates, rounds, gammas, encode(tuning[0]["prompt"]))
             tuned["tuning_questions"] = [q["question_id"] for q in tuning]
             log({"auto": tuned})
-        best_k, best_gamma = tuned["choice"]["k"], tuned["choice"]["num_draft_tokens"]
-        same = [m for m in methods if m.kind == "ours" and (m.k, m.gamma) == (best_k, best_gamma)]
-        chosen = same[0] if same else b.Method(f"auto: trim@{best_k} x{best_gamma}", "ours", candidates[best_k],
-                                               best_gamma, best_k)  # fmt: skip
-        click.echo(f"Auto choice: k={best_k}, num-draft-tokens={best_gamma} (predicted "
-                   f"{tuned['choice']['predicted_tokens_per_s']:.3f} tok/s), confirmed as {chosen.name!r}",
-                   err=True)  # fmt: skip
+        pick = tuned["choice"]
+        best = (pick["k"], pick["num_draft_tokens"], pick["draft_threshold"])
+        same = [m for m in methods if m.kind == "ours" and (m.k, m.gamma, m.threshold) == best]
+        name = f"auto: {'full' if best[0] == rows else f'trim@{best[0]}'} x{best[1]}" + (
+            f" stop<{best[2]}" if best[2] else "")  # fmt: skip
+        chosen = same[0] if same else b.Method(name, "ours", candidates[best[0]], best[1], best[0], best[2])
+        click.echo(f"Auto choice: k={best[0]}, num-draft-tokens={best[1]}, draft-threshold={best[2]} (predicted "
+                   f"{pick['predicted_tokens_per_s']:.3f} tok/s), confirmed as {chosen.name!r}", err=True)  # fmt: skip
         report["auto"] = tuned | {"method": chosen.name}
         if gamma != 3:  # the anchor the choice is judged against: mlx-lm's default draft length
             methods.insert(1, b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3))

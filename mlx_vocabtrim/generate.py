@@ -80,6 +80,14 @@ def load_models(model: str | None, draft_model: str | None, vocab: str | None, k
     "--num-draft-tokens", type=int, default=3, show_default=True, help="Tokens the drafter proposes per target call."
 )
 @click.option(
+    "--draft-threshold",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="End a round's drafting once the drafter's confidence in its drafts falls below this (0: always draft "
+    "--num-draft-tokens).",
+)
+@click.option(
     "--prompt",
     "-p",
     default="Write a Python function that checks whether a number is prime.",
@@ -101,6 +109,7 @@ def main(
     vocab,
     k,
     num_draft_tokens,
+    draft_threshold,
     prompt,
     system_prompt,
     max_tokens,
@@ -127,6 +136,7 @@ def main(
         drafter,
         max_tokens=max_tokens,
         num_draft_tokens=num_draft_tokens,
+        draft_threshold=draft_threshold,
         temp=temp,
         top_p=top_p,
     ):

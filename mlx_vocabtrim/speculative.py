@@ -8,7 +8,7 @@ rolled back to what was emitted.
 
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -29,6 +29,7 @@ class SpecStats:
     accepted_tokens: int = 0
     target_calls: int = 0
     generated_tokens: int = 0
+    confidences: list[list[float]] | None = field(default=None)  # per round, when a list: see draft_threshold
 
     @property
     def acceptance_rate(self) -> float:
@@ -129,6 +130,7 @@ def speculative_generate_step(
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
     stats: SpecStats | None = None,
+    draft_threshold: float = 0.0,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yield (token, target logprobs, from_draft) like mlx-lm's speculative_generate_step.
 
@@ -137,12 +139,20 @@ def speculative_generate_step(
     from normalize(max(p - q, 0)); q is zero outside the drafter's kept ids, so the
     output follows the target's distribution exactly. `draft_model=None` decodes with
     the target alone. `prompt_cache` holds the target's layers, then the drafter's.
+
+    `draft_threshold` > 0 ends a round's drafting early, once the product of the drafter's
+    probabilities of its own drafts falls below it (the last of them is still verified):
+    sure drafts run up to `num_draft_tokens`, doubtful ones stop at the first step. The
+    stop depends on the drafter alone, so outputs and their distribution are unchanged.
+    When `stats.confidences` is a list, each round (target call) appends its running products.
     """
     prompt = (prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))).astype(mx.uint32)
     if prompt.size == 0:
         raise VocabTrimError("the prompt is empty: give at least one token")
     if num_draft_tokens < 0:
         raise VocabTrimError(f"--num-draft-tokens {num_draft_tokens} is negative: use 0 or more")
+    if not 0 <= draft_threshold < 1:
+        raise VocabTrimError(f"--draft-threshold {draft_threshold} is out of range: use 0 <= t < 1 (0: fixed length)")
     stats = SpecStats() if stats is None else stats
     if prompt_cache is None:
         target_cache = make_prompt_cache(model)
@@ -154,11 +164,13 @@ def speculative_generate_step(
         raise VocabTrimError("speculative decoding needs trimmable KV caches: use mlx-lm's default KVCache")
     remap = None if draft_model is None else getattr(draft_model, "vocab_remap", None)
     sampling = temp > 0
+    track = draft_threshold > 0 or stats.confidences is not None
 
     def draft(pending: mx.array, gamma: int) -> tuple[mx.array, mx.array, mx.array | None]:
-        """gamma drafted target ids, their trimmed indices and (when sampling) q rows."""
+        """Up to gamma drafted target ids, their trimmed indices and (when sampling) q rows."""
         ids, indices, probs = [], [], []
         y = pending
+        confidence = [1.0]
         for _ in range(gamma):
             logits = draft_model(y[None], cache=draft_cache)[0, -1]
             if sampling:
@@ -169,9 +181,17 @@ def speculative_generate_step(
                 index = mx.argmax(logits, axis=-1)
             token = index if remap is None else remap[index]
             y = token.reshape(1).astype(mx.uint32)
-            mx.async_eval(y)
             ids.append(y)
             indices.append(index)
+            if track:
+                chosen = logq[index] if sampling else logits[index] - mx.logsumexp(logits)
+                confidence.append(confidence[-1] * mx.exp(chosen).item())
+                if confidence[-1] < draft_threshold:
+                    break
+            else:
+                mx.async_eval(y)
+        if stats.confidences is not None:
+            stats.confidences.append(confidence[1:])
         return mx.concatenate(ids), mx.stack(indices), mx.stack(probs) if sampling else None
 
     def rewind(gamma: int, kept: int) -> None:
@@ -191,7 +211,13 @@ def speculative_generate_step(
         while max_tokens < 0 or emitted < max_tokens:
             remaining = max_tokens - emitted if max_tokens >= 0 else num_draft_tokens + 1
             gamma = 0 if draft_model is None else min(num_draft_tokens, remaining - 1)
-            drafted, indices, q = draft(pending, gamma) if gamma else (mx.array([], mx.uint32), None, None)
+            if gamma:
+                drafted, indices, q = draft(pending, gamma)
+                gamma = drafted.size
+            else:
+                drafted, indices, q = mx.array([], mx.uint32), None, None
+                if stats.confidences is not None:
+                    stats.confidences.append([])
             logits = model(mx.concatenate([last, drafted])[None], cache=target_cache)[0]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             if sampling:

@@ -8,11 +8,12 @@ from conftest import make_model
 
 from mlx_vocabtrim import VocabTrimError
 from mlx_vocabtrim.bench import (
+    THRESHOLDS,
     Run,
     accepted_runs,
     check_lossless,
-    expected_tau,
-    predicted_speed,
+    draft_length,
+    predict,
     read_questions,
     step_bytes,
     tuning_questions,
@@ -91,19 +92,15 @@ def test_auto_picks_and_confirms(model_dirs, bench_inputs, tmp_path):
     auto = report["auto"]
     choice = auto["choice"]
     assert choice["k"] in (40, 320) and 1 <= choice["num_draft_tokens"] <= 6
-    assert len(auto["table"]) == 2 * 6 and auto["rounds"] > 0
+    assert len(auto["table"]) == 2 * 6 * len(THRESHOLDS) and auto["rounds"] > 0
     best = max(row["predicted_tokens_per_s"] for row in auto["table"])
     assert choice["predicted_tokens_per_s"] == best
-    for row in auto["table"]:  # the speed model, from the measured step times
-        t = (
-            auto["t_draft"][str(row["k"])] * row["num_draft_tokens"]
-            + auto["t_verify"][str(row["num_draft_tokens"] + 1)]
-        )
-        assert row["predicted_tokens_per_s"] == pytest.approx(row["expected_tau"] / t)
+    for row in auto["table"]:  # the speed model (`predict`, tested below) from the measured step times
+        assert 1 <= row["expected_tau"] <= row["num_draft_tokens"] + 1 and row["predicted_tokens_per_s"] > 0
     names = list(report["summary"])
     assert names[:3] == ["target", "mlx-lm-spec@3", "mlx-lm-spec@2"], "the anchor at mlx-lm's default comes first"
     assert auto["method"] in names and names[3:5] == ["full", "trim@40"]
-    assert auto["method"] in ("full", "trim@40") or auto["method"].startswith("auto: trim@")
+    assert auto["method"] in ("full", "trim@40") or auto["method"].startswith(("auto: trim@40 x", "auto: full x"))
     assert report["summary"]["target"]["speedup_vs_mlx_lm_spec"] == pytest.approx(
         report["summary"]["target"]["decode_tokens_per_s"] / report["summary"]["mlx-lm-spec@3"]["decode_tokens_per_s"]
     )
@@ -122,13 +119,24 @@ def test_tau_of_every_k_and_gamma_from_one_long_draft_run():
     # rounds at gamma 4: accepted [5, 6, 7, 8] (all), [5, 9] then a rejection, [] (first draft rejected)
     tokens = [5, 6, 7, 8, 1, 5, 9, 2, 3]
     from_draft = [True, True, True, True, False, True, True, False, False]
-    rounds = accepted_runs(tokens + [4], from_draft + [True])  # an unfinished last round is dropped
-    assert rounds == [[5, 6, 7, 8], [5, 9], []]
-    assert expected_tau(rounds, None, 4) == pytest.approx(1 + (4 + 2 + 0) / 3)
-    assert expected_tau(rounds, None, 1) == pytest.approx(1 + (1 + 1 + 0) / 3)
+    accepted = accepted_runs(tokens + [4], from_draft + [True])  # an unfinished last round is dropped
+    assert accepted == [[5, 6, 7, 8], [5, 9], []]
+    rounds = list(zip(accepted, [[0.9, 0.8, 0.7, 0.6], [0.9, 0.5, 0.2, 0.1], [0.3, 0.1, 0.05, 0.01]], strict=True))
+    t_verify = {n: 1.0 for n in range(1, 6)}
+
+    def tau(kept, gamma, threshold=0.0):
+        return predict(rounds, kept, gamma, threshold, 0.1, t_verify)[0]
+
+    assert tau(None, 4) == pytest.approx(1 + (4 + 2 + 0) / 3)
+    assert tau(None, 1) == pytest.approx(1 + (1 + 1 + 0) / 3)
     # a head without 7: the first round stops before 7; without 5 every round stops at once
-    assert expected_tau(rounds, {5, 6, 8, 9}, 4) == pytest.approx(1 + (2 + 2 + 0) / 3)
-    assert expected_tau(rounds, {6, 7, 8, 9}, 4) == 1.0
+    assert tau({5, 6, 8, 9}, 4) == pytest.approx(1 + (2 + 2 + 0) / 3)
+    assert tau({6, 7, 8, 9}, 4) == 1.0
+    # threshold 0.4: drafting stops at the first running confidence below it (that draft counts)
+    assert [draft_length(c, 4, 0.4) for _, c in rounds] == [4, 3, 1]
+    assert tau(None, 4, 0.4) == pytest.approx(1 + (4 + 2 + 0) / 3)
+    _, speed = predict(rounds, None, 4, 0.4, 0.1, t_verify)
+    assert speed == pytest.approx((5 + 3 + 1) / (4 * 0.1 + 3 * 0.1 + 1 * 0.1 + 3 * 1.0))
 
 
 def test_a_mismatch_fails_loudly():
@@ -138,8 +146,9 @@ def test_a_mismatch_fails_loudly():
 
 
 def test_model_of_speed_and_bytes():
-    assert predicted_speed(1.0, 3, 0.1, {4: 1.0}) == pytest.approx(1 / 1.3)
-    assert predicted_speed(4.0, 3, 0.1, {4: 1.0}) == pytest.approx(4 / 1.3)
+    # fixed length: tau over one round's time, gamma drafter steps plus a pass over gamma + 1 tokens
+    rounds = [([7, 7, 7], [1.0] * 3), ([], [1.0] * 3)]
+    assert predict(rounds, None, 3, 0.0, 0.1, {4: 1.0}) == pytest.approx((2.5, 2.5 / 1.3))
     model = make_model("qwen2", seed=51)
     full = step_bytes(model)
     # the input embedding (320 x 64 floats) is not read whole, so it is not counted

@@ -80,6 +80,9 @@ def test_generate_with_trimmed_drafter_matches_target_alone(model_dirs, ranked_f
     assert text == alone
     assert "Speculation:" in spec and "tokens per target call" in spec
     assert "Drafter head: 320 -> 200 rows" in spec
+    code, adaptive = run(*common, "--draft-model", str(model_dirs["drafter"]), "--num-draft-tokens", "6",
+                         "--draft-threshold", "0.01")  # fmt: skip
+    assert code == 0 and adaptive == alone, adaptive
 
 
 def test_vocab_file_with_counts_and_fingerprint(model_dirs, tokenizer, tmp_path):
@@ -117,6 +120,7 @@ def bad_cases(model_dirs, ranked_file, tmp_path):
         (["--model", str(tmp_path)], "has no config.json"),
         (["--model", str(broken_model)], "cannot load model"),
         (["--model", target, "--max-tokens", "0"], "--max-tokens 0 is out of range"),
+        ([*pair, "--draft-threshold", "1.5"], "--draft-threshold 1.5 is out of range: use 0 <= t < 1"),
     ]
 
 

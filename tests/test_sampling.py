@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import VOCAB, make_model, noisy_copy
 
-from mlx_vocabtrim import speculative_generate_step, trim_drafter
+from mlx_vocabtrim import SpecStats, speculative_generate_step, trim_drafter
 from mlx_vocabtrim.speculative import sampling_logprobs, verify_sampled
 
 Z_1E6 = 4.753  # standard normal quantile for 1 - 1e-6
@@ -120,3 +120,29 @@ def test_biased_sampler_would_fail(logits):
     draws = np.array(mx.random.categorical(mx.broadcast_to(sampling_logprobs(d_logits, 1.0, 1.0), (40_000, VOCAB))))
     stat, dof = chi2_statistic(draws, p)
     assert stat > chi2_threshold(dof)
+
+
+def test_adaptive_drafting_keeps_the_second_token_distribution(logits):
+    """A stop that depends on the drafted token (its q) leaves the output ~ p: the second
+    token, emitted after a stop (bonus) or after a second draft, follows the target's marginal."""
+    target, drafter, t_logits, _ = logits
+    context = [10, 20, 30, 40, 50]
+    p1 = np.array(mx.exp(sampling_logprobs(t_logits, 1.0, 1.0)))
+    rows = mx.concatenate([mx.broadcast_to(mx.array(context), (VOCAB, 5)), mx.arange(VOCAB)[:, None]], axis=1)
+    p2_given = np.array(mx.softmax(target(rows)[:, -1].astype(mx.float32), axis=-1))
+    p2 = p1 @ p2_given
+    q1 = np.array(mx.softmax(drafter(mx.array([context]))[0, -1].astype(mx.float32)))
+    threshold = float(np.median(q1))  # about half the first drafts stop the round
+    mx.random.seed(14)
+    second, stopped = [], 0
+    for _ in range(3000):
+        stats = SpecStats(confidences=[])
+        steps = speculative_generate_step(
+            context, target, drafter, num_draft_tokens=2, max_tokens=3, temp=1.0, stats=stats, draft_threshold=threshold
+        )
+        first, _, from_draft = next(steps)
+        second.append(next(steps)[0])
+        steps.close()
+        stopped += from_draft and len(stats.confidences[0]) == 1
+    assert_matches(np.array(second), p2)
+    assert stopped > 100, "the stop rule never cut a round after an accepted draft"

@@ -1,13 +1,14 @@
 """Greedy speculative output equals plain mlx-lm target decoding, token for token."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import VOCAB, make_model, noisy_copy
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_vocabtrim import SpecStats, speculative_generate_step, stream_generate, trim_drafter
+from mlx_vocabtrim import SpecStats, VocabTrimError, speculative_generate_step, stream_generate, trim_drafter
 from mlx_vocabtrim.vocab import select_keep_ids
 
 PROMPTS = [[5, 17, 33, 90, 200, 11], [7], [300, 2, 2, 2, 9, 150, 151, 152, 40, 41, 42, 43], list(range(60, 90))]
@@ -167,3 +168,37 @@ def test_prefill_skips_the_lm_head(arch):
     out = [t for t, _, _ in speculative_generate_step(prompt, target, drafter, num_draft_tokens=1, max_tokens=1)]
     assert out == reference(make_model(arch, seed=71), prompt, 1)
     assert rows and max(rows) == 1, f"the head scored {rows} positions at once"
+
+
+@pytest.mark.parametrize("drafter_kind", ["noisy", "unrelated"])
+@pytest.mark.parametrize("k", [VOCAB, 64])
+def test_adaptive_drafting_is_lossless_and_stops_where_unsure(pair, drafter_kind, k):
+    """draft_threshold: rounds end at the first draft whose running confidence is below it."""
+    arch, target, refs = pair
+    drafter = DRAFTERS[drafter_kind](arch, target)
+    if k < VOCAB:
+        trim_drafter(drafter, select_keep_ids(ranked_by_target(target, PROMPTS[:2]), k, VOCAB))
+    fixed = SpecStats(confidences=[])
+    for prompt, ref in refs.items():
+        assert speculate(target, drafter, list(prompt), 48, 6, fixed) == ref
+    assert sum(len(c) for c in fixed.confidences) == fixed.draft_tokens
+    assert all(a >= b for c in fixed.confidences for a, b in zip(c, c[1:], strict=False)), "running products"
+    # a threshold in the middle of the confidences seen: some rounds stop early, some run on
+    threshold = float(np.median([c for round_ in fixed.confidences for c in round_]))
+    stats = SpecStats(confidences=[])
+    for prompt, ref in refs.items():
+        steps = speculative_generate_step(
+            list(prompt), target, drafter, num_draft_tokens=6, max_tokens=48, stats=stats, draft_threshold=threshold
+        )
+        assert [t for t, _, _ in steps] == ref
+    lengths = [len(c) for c in stats.confidences]
+    assert sum(lengths) == stats.draft_tokens and len(lengths) == stats.target_calls
+    assert min(lengths) < 6 and max(lengths) > 1 and stats.draft_tokens < fixed.draft_tokens
+    assert all(x >= threshold for c in stats.confidences for x in c[:-1]), "drafting went on below the threshold"
+    assert any(c[-1] < threshold for c in stats.confidences)
+
+
+def test_draft_threshold_out_of_range(pair):
+    _, target, _ = pair
+    with pytest.raises(VocabTrimError, match="--draft-threshold 1.0 is out of range"):
+        next(speculative_generate_step([1, 2], target, target, draft_threshold=1.0))
