@@ -316,7 +316,8 @@ def predict(rounds: list[tuple[list[int], list[float]]], kept: set[int] | None, 
     return tokens / len(rounds), tokens / seconds
 
 
-THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
+GAMMAS = tuple(range(1, 9))  # draft lengths --auto weighs; its probe drafts the longest
+THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6)  # draft thresholds --auto weighs
 
 
 def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[tuple[list[int], list[float]]],

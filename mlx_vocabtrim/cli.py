@@ -346,7 +346,7 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
         candidates = {rows: drafter, **trimmed}
         tuned = next((e["auto"] for e in entries if "auto" in e), None)
         if tuned is None:
-            gammas = list(range(1, 7))
+            gammas = list(b.GAMMAS)
             probe = b.Method(f"full@{gammas[-1]}", "ours", drafter, gammas[-1], rows)
             rounds = []
             with progress_bar_over(len(tuning), "Auto-tuning") as advance:
