@@ -309,13 +309,12 @@ def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_c
     from .calibrate import chat_prompt
     from .generate import DEFAULT_VOCAB
     from .models import load_pair
-    from .speculative import SpecStats
+    from .speculative import SpecStats, check_draft_threshold
     from .trim import trimmed_copy
     from .vocab import read_ranked_ids
 
     k_list = _int_list(ks, "--k")
-    if not 0 <= draft_threshold < 1:
-        raise VocabTrimError(f"--draft-threshold {draft_threshold} is out of range: use 0 <= t < 1 (0: fixed length)")
+    check_draft_threshold(draft_threshold)
     qs = b.read_questions(questions, per_category)
     target, tokenizer, drafter = load_pair(model, draft_model)
     rows = head_rows(drafter)

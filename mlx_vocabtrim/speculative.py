@@ -77,6 +77,12 @@ def _prefill(model: nn.Module, cache: list, tokens: mx.array, step: int) -> None
     mx.clear_cache()
 
 
+def check_draft_threshold(threshold: float) -> None:
+    """A draft threshold is a probability below 1 (0 turns adaptive drafting off)."""
+    if not 0 <= threshold < 1:
+        raise VocabTrimError(f"--draft-threshold {threshold} is out of range: use 0 <= t < 1 (0: fixed length)")
+
+
 def _first_rejected(flags: Sequence[bool]) -> int:
     return next((i for i, ok in enumerate(flags) if not ok), len(flags))
 
@@ -151,8 +157,7 @@ def speculative_generate_step(
         raise VocabTrimError("the prompt is empty: give at least one token")
     if num_draft_tokens < 0:
         raise VocabTrimError(f"--num-draft-tokens {num_draft_tokens} is negative: use 0 or more")
-    if not 0 <= draft_threshold < 1:
-        raise VocabTrimError(f"--draft-threshold {draft_threshold} is out of range: use 0 <= t < 1 (0: fixed length)")
+    check_draft_threshold(draft_threshold)
     stats = SpecStats() if stats is None else stats
     if prompt_cache is None:
         target_cache = make_prompt_cache(model)

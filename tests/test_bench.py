@@ -225,3 +225,21 @@ def test_a_leftover_bench_with_other_settings_is_refused(model_dirs, bench_input
     result = CliRunner().invoke(cli, bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40"))
     assert result.exit_code == 1 and "unfinished bench with other settings" in result.output
     assert "Traceback" not in result.output
+
+
+def test_adaptive_drafting_in_the_sweep(model_dirs, bench_inputs, tmp_path):
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "1",
+                      "--num-draft-tokens", "5", "--draft-threshold", "0.01")  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output  # greedy outputs checked against the target
+    report = json.loads((tmp_path / "bench.json").read_text())
+    full, spec = report["summary"]["full"], report["summary"]["mlx-lm-spec@5"]
+    assert full["draft_threshold"] == 0.01 and spec["draft_threshold"] == 0.0
+    assert full["drafts_per_call"] < 5 == spec["drafts_per_call"], "the threshold cut some rounds short"
+    assert f"| full | 320 | <= 5, {full['drafts_per_call']:.2f} mean |" in (tmp_path / "bench.md").read_text()
+
+
+def test_draft_threshold_out_of_range_is_refused(model_dirs, bench_inputs, tmp_path):
+    result = CliRunner().invoke(cli, bench_args(model_dirs, bench_inputs, tmp_path, "--draft-threshold", "-0.1"))
+    assert result.exit_code == 1 and "--draft-threshold -0.1 is out of range" in result.output
+    assert "Traceback" not in result.output
