@@ -171,8 +171,9 @@ def speculative_generate_step(
     sampling = temp > 0
     track = draft_threshold > 0 or stats.confidences is not None
 
-    def draft(pending: mx.array, gamma: int) -> tuple[mx.array, mx.array, mx.array | None]:
-        """Up to gamma drafted target ids, their trimmed indices and (when sampling) q rows."""
+    def draft(pending: mx.array, gamma: int) -> tuple[mx.array, mx.array, mx.array | None, list[float]]:
+        """Up to gamma drafted target ids, their trimmed indices, (when sampling) q rows and,
+        when tracked, the running confidences."""
         ids, indices, probs = [], [], []
         y = pending
         confidence = [1.0]
@@ -195,9 +196,7 @@ def speculative_generate_step(
                     break
             else:
                 mx.async_eval(y)
-        if stats.confidences is not None:
-            stats.confidences.append(confidence[1:])
-        return mx.concatenate(ids), mx.stack(indices), mx.stack(probs) if sampling else None
+        return mx.concatenate(ids), mx.stack(indices), mx.stack(probs) if sampling else None, confidence[1:]
 
     def rewind(gamma: int, kept: int) -> None:
         """Keep `kept` of the gamma drafts in the target cache (the drafter lags one)."""
@@ -216,13 +215,12 @@ def speculative_generate_step(
         while max_tokens < 0 or emitted < max_tokens:
             remaining = max_tokens - emitted if max_tokens >= 0 else num_draft_tokens + 1
             gamma = 0 if draft_model is None else min(num_draft_tokens, remaining - 1)
-            if gamma:
-                drafted, indices, q = draft(pending, gamma)
-                gamma = drafted.size
-            else:
-                drafted, indices, q = mx.array([], mx.uint32), None, None
-                if stats.confidences is not None:
-                    stats.confidences.append([])
+            drafted, indices, q, confidence = (
+                draft(pending, gamma) if gamma else (mx.array([], mx.uint32), None, None, [])
+            )
+            gamma = drafted.size
+            if stats.confidences is not None:
+                stats.confidences.append(confidence)
             logits = model(mx.concatenate([last, drafted])[None], cache=target_cache)[0]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             if sampling:
