@@ -1,33 +1,43 @@
-"""VocabTrim: speculative decoding in MLX with a drafter whose LM head keeps only the tokens that matter."""
+"""VocabTrim: speculative decoding in MLX with a drafter whose LM head keeps only the tokens that matter.
 
-__version__ = "0.1.0"
+Importing the package is light: its names load from their modules on first use.
+"""
 
-from . import generate as _generate_command  # noqa: F401  (bind the submodule first, like mlx_lm)
-from .errors import VocabTrimError
-from .mlx_lm_draft import TrimmedDraft
-from .models import check_pair, load_model, load_pair
-from .speculative import SpecStats, SpeculativeResponse, generate, speculative_generate_step, stream_generate
-from .trim import head_rows, load_draft, save_trimmed, trim_drafter
-from .vocab import load_vocab, read_ranked_ids, save_vocab, select_keep_ids, tokenizer_fingerprint
+import importlib
 
-__all__ = [
-    "SpecStats",
-    "SpeculativeResponse",
-    "TrimmedDraft",
-    "VocabTrimError",
-    "check_pair",
-    "generate",
-    "head_rows",
-    "load_draft",
-    "load_model",
-    "load_pair",
-    "load_vocab",
-    "read_ranked_ids",
-    "save_trimmed",
-    "save_vocab",
-    "select_keep_ids",
-    "speculative_generate_step",
-    "stream_generate",
-    "tokenizer_fingerprint",
-    "trim_drafter",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "Setup": "resolve",
+    "SpecStats": "speculative",
+    "SpeculativeResponse": "speculative",
+    "TrimmedDraft": "mlx_lm_draft",
+    "VocabTrimError": "errors",
+    "check_pair": "models",
+    "generate": "speculative",
+    "head_rows": "trim",
+    "load": "resolve",
+    "load_draft": "trim",
+    "load_model": "models",
+    "load_pair": "models",
+    "load_vocab": "vocab",
+    "read_ranked_ids": "vocab",
+    "save_trimmed": "trim",
+    "save_vocab": "vocab",
+    "select_keep_ids": "vocab",
+    "speculative_generate_step": "speculative",
+    "stream_generate": "speculative",
+    "tokenizer_fingerprint": "vocab",
+    "trim_drafter": "trim",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

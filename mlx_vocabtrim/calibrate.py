@@ -7,10 +7,8 @@ the run is fresh, resumed or spread across ranks, so all three give identical co
 
 import importlib.util
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import VocabTrimError
+from .files import read_json, write_text_whole
+from .vocab import MAX_COUNT
 
 SOURCES = ("target", "drafter", "dataset")
 
@@ -32,10 +32,17 @@ def _sharegpt_path() -> Path:
     return Path(spec.origin).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VocabTrimError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+
+
 def _iter_json_array(path: Path, tolerate_cut: bool) -> Iterator[Any]:
     """Items of a top-level JSON array, decoded one by one (the packaged ShareGPT file is cut short)."""
     decoder = json.JSONDecoder()
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     pos = text.index("[") + 1 if "[" in text[:64] else None
     if pos is None:
         raise VocabTrimError(f"{path} is not a JSON array of conversations: give ShareGPT JSON")
@@ -82,18 +89,17 @@ def read_records(data: str) -> list[dict]:
         return [r for f in files for r in read_records(str(f))]
     if path.suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        item = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise VocabTrimError(f"{path} line {n} is not JSON ({e.msg}): fix or remove it") from e
-                    records.append(_record(item, path, n))
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise VocabTrimError(f"{path} line {n} is not JSON ({e.msg}): fix or remove it") from e
+                records.append(_record(item, path, n))
     elif path.suffix == ".json":
         records = [_record(item, path, n) for n, item in enumerate(_iter_json_array(path, tolerate_cut), 1)]
     else:
-        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        paragraphs = [p.strip() for p in _read_text(path).split("\n\n")]
         records = [{"prompt": p, "text": [p]} for p in paragraphs if p]
     records = [r for r in records if r and r["prompt"].strip()]
     if not records:
@@ -124,11 +130,33 @@ def sample_records(records: list[dict], num_prompts: int | None, seed: int) -> l
     return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), num_prompts))]
 
 
-def _save_json_atomic(path: Path, doc: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+def _load_checkpoint(path: Path, key: str, batches: int, vocab_size: int) -> tuple[np.ndarray, int]:
+    """(counts, batches done) from a checkpoint of the same settings, checked field by field."""
+    fix = "delete it to start over"
+    saved = read_json(path, "is corrupt", fix)
+    if not isinstance(saved, dict):
+        raise VocabTrimError(f"checkpoint {path} is not a calibration checkpoint: {fix}")
+    if saved.get("settings") != key:
+        raise VocabTrimError(f"checkpoint {path} was made with other settings: delete it or use them again")
+    done = saved.get("batches_done")
+    if type(done) is not int or not 0 <= done <= batches:
+        raise VocabTrimError(f"checkpoint {path} says {done!r} batches are done, of {batches}: {fix}")
+    counts = saved.get("counts")
+    if not isinstance(counts, list) or len(counts) != vocab_size:
+        raise VocabTrimError(f"checkpoint {path} does not hold {vocab_size} counts: {fix}")
+    if any(type(c) is not int or not 0 <= c <= MAX_COUNT for c in counts):
+        raise VocabTrimError(f"checkpoint {path} holds counts that are not non-negative integers below 2**63: {fix}")
+    return np.asarray(counts, dtype=np.int64), done
+
+
+def resume_point(
+    checkpoint: Path | None, settings: dict | None, batches: int, vocab_size: int
+) -> tuple[np.ndarray, int]:
+    """(counts, batches done) to start from: those of a checked checkpoint of the same settings,
+    else zeros and 0. Ranks of a distributed run always start over."""
+    if checkpoint is None or mx.distributed.init().size() > 1 or not checkpoint.is_file():
+        return np.zeros(vocab_size, dtype=np.int64), 0
+    return _load_checkpoint(checkpoint, json.dumps(settings or {}, sort_keys=True), batches, vocab_size)
 
 
 def count_dataset(tokenizer: Any, batch: list[dict]) -> tuple[np.ndarray, int]:
@@ -174,42 +202,35 @@ def calibrate(
     checkpoint_every: int = 64,
     settings: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    resume: tuple[np.ndarray, int] | None = None,
 ) -> np.ndarray:
     """Counts for all `vocab_size` ids over `records`, batch by batch.
 
     With `checkpoint`, counts are saved atomically every `checkpoint_every` prompts (at batch
-    boundaries) and a rerun with the same settings resumes after the last saved batch. Under mlx.launch each rank takes
-    every size-th batch and counts are summed with all_sum.
+    boundaries) and a rerun with the same settings resumes after the last saved batch (`resume`:
+    its `resume_point`, when already read). Under mlx.launch each rank takes every size-th batch
+    and counts are summed with all_sum.
     """
     group = mx.distributed.init()
     batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    start = 0
+    counts, start = resume or resume_point(checkpoint, settings, len(batches), vocab_size)
     key = json.dumps(settings or {}, sort_keys=True)
-    if checkpoint is not None and group.size() == 1 and checkpoint.is_file():
-        try:
-            saved = json.loads(checkpoint.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise VocabTrimError(f"checkpoint {checkpoint} is corrupt ({e}): delete it to start over") from e
-        if saved.get("settings") != key:
-            raise VocabTrimError(f"checkpoint {checkpoint} was made with other settings: delete it or use them again")
-        counts = np.asarray(saved["counts"], dtype=np.int64)
-        start = saved["batches_done"]
     for index in range(start, len(batches)):
         if index % group.size() != group.rank():
             continue
-        mx.random.seed(seed + index)
+        mx.random.seed((seed + index) % 2**64)
         ids, tokens = count_batch(batches[index])
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
             raise VocabTrimError(f"token id {ids.max()} is outside the vocabulary of {vocab_size}")
         counts += np.bincount(ids, minlength=vocab_size)
         finished = index + 1 == len(batches) or (index + 1) * batch_size % checkpoint_every < batch_size
         if checkpoint is not None and group.size() == 1 and finished:
-            _save_json_atomic(checkpoint, {"settings": key, "batches_done": index + 1, "counts": counts.tolist()})
+            doc = {"settings": key, "batches_done": index + 1, "counts": counts.tolist()}
+            write_text_whole(checkpoint, json.dumps(doc))
         if progress:
             progress(len(batches[index]), tokens)
     if group.size() > 1:
-        counts = np.array(mx.distributed.all_sum(mx.array(counts.astype(np.int32)), stream=mx.cpu)).astype(np.int64)
+        counts = np.array(mx.distributed.all_sum(mx.array(counts), stream=mx.cpu)).astype(np.int64)
     return counts
 
 

@@ -2,36 +2,50 @@
 
 import click
 
-from .generate import load_models
+from .errors import VocabTrimError
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
-from .speculative import stream_generate
+from .options import check_utf8, count_option, draft_options, seed_option, temp_option, text_option, top_p_option
+
+
+def _read_line() -> str | None:
+    """One line typed at the prompt (None at end of input); it must be UTF-8."""
+    try:
+        line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False)
+    except (EOFError, click.Abort):
+        return None
+    except UnicodeDecodeError as e:
+        raise VocabTrimError(f"the input is not UTF-8 text ({e.reason}): type or pipe UTF-8 text") from None
+    return check_utf8(line, "the input", "type or pipe UTF-8 text")
 
 
 @click.command()
 @click.option("--model", default=None, help=f"Target model [default: {DEFAULT_TARGET} with drafter {DEFAULT_DRAFTER}].")
-@click.option("--draft-model", default=None, help="Drafter (a trimmed directory, or any drafter with --vocab).")
-@click.option("--vocab", default=None, help="Vocab file to trim the drafter with.")
-@click.option("--k", type=int, default=None, help="Rows to keep when trimming with --vocab.")
-@click.option("--num-draft-tokens", type=int, default=3, show_default=True, help="Tokens drafted per target call.")
-@click.option(
-    "--draft-threshold", type=float, default=0.0, show_default=True,
-    help="End drafting once the drafter's confidence falls below this (0: fixed length).",
-)  # fmt: skip
-@click.option("--system-prompt", default=None, help="System message.")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens per reply.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
-def chat(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, system_prompt, max_tokens, temp, top_p):
+@click.option("--draft-model", default=None, help="Drafter ('none': the target alone).")
+@draft_options
+@text_option("--system-prompt", default=None, help="System message.")
+@count_option("--max-tokens", 512, "Most tokens per reply.")
+@temp_option()
+@top_p_option()
+@seed_option()
+@click.option("--verbose", is_flag=True, help="Print the drafter head and every setting's source first.")
+def chat(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, context_head, lookup_ngram, lookup_tokens,
+         system_prompt, max_tokens, temp, top_p, seed, verbose):  # fmt: skip
     """Chat in the terminal: `q` quits, `r` resets the history; speed and acceptance follow each reply."""
-    target, tokenizer, drafter = load_models(model, draft_model, vocab, k)
+    import mlx.core as mx
+
+    from .resolve import load_for
+    from .speculative import stream_generate
+
+    if seed is not None:
+        mx.random.seed(seed)
+    setup = load_for(click.get_current_context().params)
+    if verbose:
+        for line in setup.describe():
+            click.echo(line)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = []
     click.echo("Type a message; `q` quits, `r` resets the conversation.")
-    while True:
-        try:
-            query = click.prompt(">>", prompt_suffix=" ", default="", show_default=False)
-        except (EOFError, click.Abort):
-            break
+    while (query := _read_line()) is not None:
         if query.strip() == "q":
             break
         if query.strip() == "r":
@@ -41,11 +55,10 @@ def chat(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, system
         if not query.strip():
             continue
         history.append({"role": "user", "content": query})
-        prompt = tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        prompt = setup.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
         reply, response = "", None
-        for response in stream_generate(target, tokenizer, prompt, drafter, max_tokens=max_tokens,
-                                        num_draft_tokens=num_draft_tokens, draft_threshold=draft_threshold,
-                                        temp=temp, top_p=top_p):  # fmt: skip
+        for response in stream_generate(setup.target, setup.tokenizer, prompt, setup.drafter, max_tokens=max_tokens,
+                                        temp=temp, top_p=top_p, **setup.generation_kwargs()):  # fmt: skip
             click.echo(response.text, nl=False)
             reply += response.text
         history.append({"role": "assistant", "content": reply})

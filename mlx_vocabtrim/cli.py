@@ -1,27 +1,35 @@
-"""The `mlx-vocabtrim` command group: convert, calibrate, vocab, trim, generate."""
+"""The `mlx-vocabtrim` command line: generate, chat, serve, bench-serve, bench, tune, calibrate, vocab, trim,
+convert."""
 
 import shlex
 import sys
-from contextlib import contextmanager
-from dataclasses import asdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
-import mlx.core as mx
-import numpy as np
 
 from . import __version__
-from .calibrate import SOURCES, calibrate, count_dataset, count_generated, progress_bar, read_records, sample_records
 from .chat import chat
-from .convert import DTYPES
 from .errors import VocabTrimError
-from .generate import main as generate
-from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, convert_with_progress, load_model, load_tokenizer, resolve_model
+from .files import check_output, output_lock
+from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
+from .options import (
+    check_utf8,
+    count_option,
+    draft_options,
+    draft_threshold_option,
+    force_option,
+    num_draft_tokens_option,
+    seed_option,
+    temp_option,
+    text_option,
+    top_p_option,
+)
 from .serve import serve
-from .trim import head_bytes, head_rows, save_trimmed, trim_drafter
-from .vocab import check_vocab, load_vocab, rank_ids, save_vocab, select_keep_ids, special_ids, tokenizer_fingerprint
+from .serve_bench import bench_serve
 
 COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
+DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 
 
 def command_line() -> str:
@@ -39,127 +47,214 @@ def command_line() -> str:
     return shlex.join(words)
 
 
-@click.group()
+def read_prompt(prompt: str) -> str:
+    """The prompt text, not empty; '-' reads stdin, which must be UTF-8."""
+    if prompt != "-":
+        text = check_utf8(prompt, "--prompt")
+    else:
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise VocabTrimError(f"stdin is not UTF-8 text ({e.reason} at byte {e.start}): pipe UTF-8 text") from None
+    if not text.strip():
+        raise VocabTrimError("the prompt is empty: pass --prompt TEXT (or --prompt - to read stdin)")
+    return text
+
+
+def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool) -> list[int]:
+    """Token ids of the prompt, through the chat template unless told otherwise."""
+    if ignore_chat_template or not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(prompt)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class OneLineErrors:
+    """Every error as one `Error:` line and a non-zero exit, click's own usage errors (an unknown
+    option, a value of the wrong type, a missing option) included."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            click.echo(f"Error: {e.format_message()} (see --help)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(0)
+
+
+class OneLineGroup(OneLineErrors, click.Group):
+    pass
+
+
+class OneLineCommand(OneLineErrors, click.Command):
+    pass
+
+
+@click.group(cls=OneLineGroup)
 @click.version_option(__version__)
 def cli():
     """VocabTrim speculative decoding for MLX."""
 
 
-cli.add_command(generate)
 cli.add_command(chat)
 cli.add_command(serve)
+cli.add_command(bench_serve)
+
+
+@cli.command(name="generate", cls=OneLineCommand)
+@click.option("--model", default=None,
+              help=f"Target: Hugging Face id, mlx-lm directory, .gguf file or packaged name [default: "
+                   f"{DEFAULT_TARGET}, with drafter {DEFAULT_DRAFTER}].")  # fmt: skip
+@click.option("--draft-model", default=None,
+              help="Drafter sharing the target's tokenizer; 'none' decodes with the target alone (the default "
+                   "when only --model is given).")  # fmt: skip
+@draft_options
+@click.option("--prompt", "-p", default=DEFAULT_PROMPT, show_default=True,
+              help="Message to the model; '-' reads it from stdin.")  # fmt: skip
+@text_option("--system-prompt", default=None, help="System message for the chat template.")
+@count_option("--max-tokens", 256, "Most tokens to generate.")
+@temp_option()
+@top_p_option()
+@seed_option()
+@click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@click.option("--verbose", is_flag=True, help="Print timing, acceptance, the drafter head and every setting's source.")
+def generate(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, context_head, lookup_ngram,
+             lookup_tokens, prompt, system_prompt, max_tokens, temp, top_p, seed, ignore_chat_template,
+             verbose):  # fmt: skip
+    """Generate text with VocabTrim speculative decoding (flags as mlx_lm.generate)."""
+    import mlx.core as mx
+
+    from .resolve import load_for
+    from .speculative import format_stats, stream_generate
+
+    text = read_prompt(prompt)
+    if seed is not None:
+        mx.random.seed(seed)
+    setup = load_for(click.get_current_context().params)
+    ids = build_prompt(setup.tokenizer, text, system_prompt, ignore_chat_template)
+    response = None
+    for response in stream_generate(setup.target, setup.tokenizer, ids, setup.drafter, max_tokens=max_tokens,
+                                    temp=temp, top_p=top_p, **setup.generation_kwargs()):  # fmt: skip
+        click.echo(response.text, nl=False)
+    click.echo()
+    if verbose and response is not None:
+        click.echo(format_stats(response))
+        for line in setup.describe():
+            click.echo(line)
 
 
 @cli.command()
 @click.argument("gguf", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist).")
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPES)),
-    default=None,
-    help="Weight dtype [default: float32 on CPU, float16 on GPU].",
-)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Weight dtype [default: float32 on CPU, float16 on GPU].")  # fmt: skip
 @click.option("--quantize", is_flag=True, help="Quantize the converted weights with mlx-lm.")
-@click.option("--q-bits", type=int, default=4, show_default=True, help="Bits per weight when quantizing.")
-@click.option("--q-group-size", type=int, default=64, show_default=True, help="Group size when quantizing.")
-def convert(gguf, out, dtype, quantize, q_bits, q_group_size):
+@count_option("--q-bits", 4, "Bits per weight when quantizing (2, 3, 4, 5, 6 or 8).", 2, 8)
+@count_option("--q-group-size", 64, "Group size when quantizing (32, 64 or 128).", 32, 128)
+@force_option("an existing --out directory")
+def convert(gguf, out, dtype, quantize, q_bits, q_group_size, force):
     """Convert a llama.cpp GGUF file (llama or qwen2) into an mlx-lm directory."""
-    convert_with_progress(gguf, out, f"Converting {gguf.name}", dtype=dtype, quantize=quantize, q_bits=q_bits,
-                          q_group_size=q_group_size)  # fmt: skip
+    from .convert import QUANT_BITS, QUANT_GROUPS
+    from .models import convert_with_progress
+
+    if q_bits not in QUANT_BITS or q_group_size not in QUANT_GROUPS:
+        raise VocabTrimError(f"--q-bits {q_bits} --q-group-size {q_group_size} is not supported: bits are one of "
+                             f"{', '.join(map(str, QUANT_BITS))}, group sizes one of "
+                             f"{', '.join(map(str, QUANT_GROUPS))}")  # fmt: skip
+    if not gguf.is_file():
+        raise VocabTrimError(f"GGUF file {gguf} does not exist: check the path")
+    check_output(out, inputs=[gguf], force=force, directory=True)
+    with output_lock(out):
+        convert_with_progress(gguf, out, f"Converting {gguf.name}", dtype=dtype, quantize=quantize, q_bits=q_bits,
+                              q_group_size=q_group_size, force=force)  # fmt: skip
     click.echo(f"Wrote {out}")
 
 
 @cli.command(name="calibrate")
-@click.option(
-    "--model", default=DEFAULT_TARGET, show_default=True, help="Target model (its tokenizer defines the vocab)."
-)
+@click.option("--model", default=DEFAULT_TARGET, show_default=True,
+              help="Target model (its tokenizer defines the vocab).")  # fmt: skip
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter, for --source drafter.")
-@click.option(
-    "--source",
-    type=click.Choice(SOURCES),
-    default="target",
-    show_default=True,
-    help="Count the target's answers, the drafter's answers, or the raw dataset text.",
-)
-@click.option(
-    "--data",
-    default="sharegpt",
-    show_default=True,
-    help="Prompts: Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, text, `sharegpt`, or a dataset repo id.",
-)
-@click.option("--num-prompts", type=int, default=None, help="Prompts drawn (seeded) from --data [default: all].")
-@click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens generated per prompt.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature of the answers.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling and answers.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts decoded together.")
-@click.option(
-    "--max-prompt-tokens",
-    type=int,
-    default=512,
-    show_default=True,
-    help="Cut longer prompts to their start (prefill is slow on CPUs).",
-)
-@click.option("--checkpoint-every", type=int, default=64, show_default=True, help="Prompts between checkpoints.")
+@click.option("--source", type=click.Choice(["target", "drafter", "dataset"]), default="target", show_default=True,
+              help="Count the target's answers, the drafter's answers, or the raw dataset text.")  # fmt: skip
+@click.option("--data", default="sharegpt", show_default=True,
+              help="Prompts: Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, text, `sharegpt`, or a dataset "
+                   "repo id.")  # fmt: skip
+@count_option("--num-prompts", None, "Prompts drawn (seeded) from --data [default: all].")
+@count_option("--max-tokens", 256, "Tokens generated per prompt.")
+@temp_option("Sampling temperature of the answers (0: greedy).")
+@seed_option(0, "Seed for prompt sampling and answers.")
+@count_option("--batch-size", 8, "Prompts decoded together.")
+@count_option("--max-prompt-tokens", 512, "Cut longer prompts to their start (prefill is slow on CPUs).")
+@count_option("--checkpoint-every", 64, "Prompts between checkpoints.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Vocab file to write (.json or .json.gz).")
-def calibrate_command(
-    model,
-    draft_model,
-    source,
-    data,
-    num_prompts,
-    max_tokens,
-    temp,
-    seed,
-    batch_size,
-    max_prompt_tokens,
-    checkpoint_every,
-    out,
-):
+@force_option()
+def calibrate_command(model, draft_model, source, data, num_prompts, max_tokens, temp, seed, batch_size,
+                      max_prompt_tokens, checkpoint_every, out, force):  # fmt: skip
     """Count token frequencies into a vocab file; resumes from OUT.checkpoint after an interruption."""
-    if batch_size < 1 or max_tokens < 1:
-        raise VocabTrimError("--batch-size and --max-tokens must be 1 or more")
-    records = sample_records(read_records(data), num_prompts, seed)
-    counted = draft_model if source == "drafter" else model
-    if source == "dataset":
-        tokenizer, vocab_size = load_tokenizer(model)
-        count = lambda batch: count_dataset(tokenizer, batch)  # noqa: E731
-    else:
-        target, tokenizer = load_model(model)
-        generator, generator_tok = (target, tokenizer) if source == "target" else load_model(draft_model)
-        if source == "drafter" and tokenizer_fingerprint(generator_tok) != tokenizer_fingerprint(tokenizer):
-            raise VocabTrimError(f"{draft_model} and {model} use different tokenizers: pick a matching drafter")
-        vocab_size = head_rows(target)
-        count = lambda batch: count_generated(  # noqa: E731
-            generator, generator_tok, batch, max_tokens, temp, max_prompt_tokens
-        )
-    settings = {"model": counted, "source": source, "data": data, "num_prompts": len(records),
-                "max_tokens": max_tokens, "temp": temp, "seed": seed, "batch_size": batch_size,
-                "max_prompt_tokens": max_prompt_tokens}  # fmt: skip
-    checkpoint = out.with_name(out.name + ".checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bar, advance = progress_bar(len(records), f"Calibrating ({source})")
-    with bar:
-        counts = calibrate(
-            records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings, advance
-        )
-    if mx.distributed.init().rank() != 0:
-        return
-    metadata = {
-        **settings,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "target": model,
-        "prompts_counted": len(records),
-        "tokens_counted": int(counts.sum()),
-        "command": command_line(),
-        "tool_version": __version__,
-    }
-    save_vocab(out, counts, metadata)
-    checkpoint.unlink(missing_ok=True)
+    import mlx.core as mx
+
+    from .calibrate import (
+        calibrate,
+        count_dataset,
+        count_generated,
+        progress_bar,
+        read_records,
+        resume_point,
+        sample_records,
+    )
+    from .models import load_model, load_tokenizer
+    from .trim import head_rows
+    from .vocab import save_vocab, tokenizer_fingerprint
+
+    check_output(out, inputs=[data], force=force)
+    rank = mx.distributed.init().rank()  # under mlx.launch only rank 0 writes
+    with output_lock(out, force=force) if rank == 0 else nullcontext():
+        records = sample_records(read_records(data), num_prompts, seed)
+        counted = draft_model if source == "drafter" else model
+        if source == "dataset":
+            tokenizer, vocab_size = load_tokenizer(model)
+            count = lambda batch: count_dataset(tokenizer, batch)  # noqa: E731
+        else:
+            target, tokenizer = load_model(model)
+            generator, generator_tok = (target, tokenizer) if source == "target" else load_model(draft_model)
+            if source == "drafter" and tokenizer_fingerprint(generator_tok) != tokenizer_fingerprint(tokenizer):
+                raise VocabTrimError(f"{draft_model} and {model} use different tokenizers: pick a matching drafter")
+            vocab_size = head_rows(target)
+            count = lambda batch: count_generated(  # noqa: E731
+                generator, generator_tok, batch, max_tokens, temp, max_prompt_tokens
+            )
+        settings = {"model": counted, "source": source, "data": data, "num_prompts": len(records),
+                    "max_tokens": max_tokens, "temp": temp, "seed": seed, "batch_size": batch_size,
+                    "max_prompt_tokens": max_prompt_tokens}  # fmt: skip
+        checkpoint = out.with_name(out.name + ".checkpoint")
+        resume = resume_point(checkpoint, settings, -(-len(records) // batch_size), vocab_size)  # checked up front
+        bar, advance = progress_bar(len(records), f"Calibrating ({source})")
+        with bar:
+            counts = calibrate(records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings,
+                               advance, resume)  # fmt: skip
+        if rank != 0:
+            return
+        metadata = {**settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "target": model,
+                    "prompts_counted": len(records), "tokens_counted": int(counts.sum()),
+                    "command": command_line(), "tool_version": __version__}  # fmt: skip
+        save_vocab(out, counts, metadata)
+        checkpoint.unlink(missing_ok=True)
     click.echo(f"Wrote {out}: {metadata['tokens_counted']} tokens from {len(records)} prompts")
 
 
-def coverage(counts: np.ndarray, k: int) -> float:
+def coverage(counts, k: int) -> float:
     """Share of counted tokens whose id is among the top k."""
+    import numpy as np
+
     total = counts.sum()
     return float(np.sort(counts)[::-1][:k].sum() / total) if total else 0.0
 
@@ -172,9 +267,12 @@ def vocab():
 @vocab.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="Model whose tokenizer spells the top tokens.")
-@click.option("--top", type=int, default=20, show_default=True, help="Top tokens to list.")
+@count_option("--top", 20, "Top tokens to list.", 0)
 def show(file, model, top):
     """Print coverage at several k and the most counted tokens."""
+    from .models import load_tokenizer
+    from .vocab import load_vocab, rank_ids
+
     doc = load_vocab(file)
     counts, meta = doc["counts"], doc["metadata"]
     click.echo(f"{file}: {len(counts)} ids, {int(counts.sum())} tokens counted, {int((counts > 0).sum())} distinct")
@@ -197,202 +295,160 @@ def show(file, model, top):
         click.echo(f"  {i:>7} {int(counts[i]):>9}{spelled}")
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise VocabTrimError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+
+
 @vocab.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--weights", default=None, help="Comma-separated weight per file, e.g. 4000,1 to mix a small "
               "target-generated count with a large dataset count at equal mass [default: 1 each].")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged vocab file to write.")
-def merge(files, weights, out):
+@force_option()
+def merge(files, weights, out, force):
     """Add the counts of vocab files made with the same tokenizer."""
+    from .vocab import MAX_COUNT, load_vocab, save_vocab
+
+    check_output(out, inputs=files, force=force)
     docs = [load_vocab(f) for f in files]
-    prints = {d["metadata"].get("tokenizer_fingerprint") for d in docs}
+    prints = {d["metadata"]["tokenizer_fingerprint"] for d in docs}
     sizes = {len(d["counts"]) for d in docs}
     if len(prints) != 1 or len(sizes) != 1:
         raise VocabTrimError("these vocab files come from different tokenizers: merge only files of one tokenizer")
     scale = _int_list(weights, "--weights") if weights else [1] * len(docs)
-    if len(scale) != len(docs) or min(scale) < 0:
-        raise VocabTrimError(f"--weights needs {len(docs)} non-negative integers, one per file")
+    if len(scale) != len(docs) or min(scale) < 0 or not any(scale):
+        raise VocabTrimError(f"--weights needs {len(docs)} non-negative integers, one per file, not all 0")
+    if sum(w * int(d["counts"].max()) for w, d in zip(scale, docs, strict=True)) > MAX_COUNT:
+        raise VocabTrimError("--weights are too large: the weighted counts would not fit in 64 bits; use smaller ones")
     counts = sum(w * d["counts"] for w, d in zip(scale, docs, strict=True))
     sources = "+".join(dict.fromkeys(str(d["metadata"].get("source")) for d in docs))
     meta = {**docs[0]["metadata"], "source": sources, "merged_from": [str(f) for f in files], "weights": scale,
             "merged_metadata": [d["metadata"] for d in docs], "tokens_counted": int(counts.sum()),
             "command": command_line(), "tool_version": __version__,
-            "prompts_counted": sum(d["metadata"].get("prompts_counted", 0) for d in docs)}  # fmt: skip
-    save_vocab(out, counts, meta)
+            "prompts_counted": sum(int(d["metadata"].get("prompts_counted", 0) or 0) for d in docs)}  # fmt: skip
+    with output_lock(out, force=force):
+        save_vocab(out, counts, meta)
     click.echo(f"Wrote {out}: {int(counts.sum())} weighted tokens")
 
 
 @cli.command()
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter to trim.")
-@click.option(
-    "--vocab", "vocab_file", required=True, type=click.Path(path_type=Path), help="Vocab file to rank ids by."
-)
-@click.option("--k", type=int, required=True, help="Rows to keep in the drafter head (EOS and specials included).")
+@click.option("--model", default=DEFAULT_TARGET, show_default=True,
+              help="Target the drafter will serve: its profile (if any) is carried into the directory.")  # fmt: skip
+@click.option("--vocab", "vocab_file", default=None, type=click.Path(path_type=Path),
+              help="Vocab file ranking ids [default: a packaged vocab matching the drafter's tokenizer].")  # fmt: skip
+@count_option("--k", None, "Rows to keep in the drafter head (EOS and specials included).", required=True)
+@click.option("--context-head/--no-context-head", default=True, show_default=True,
+              help="Also save the full head, so generation can add the rows of each request's own ids.")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Trimmed drafter directory to write.")
-def trim(draft_model, vocab_file, k, out):
+@force_option("an existing --out directory")
+def trim(draft_model, model, vocab_file, k, context_head, out, force):
     """Write a self-contained trimmed drafter that `generate --draft-model DIR` uses as is."""
+    from dataclasses import asdict, replace
+
     from mlx_lm.utils import load_config
 
-    model, tokenizer = load_model(draft_model)
-    doc = load_vocab(vocab_file)
-    check_vocab(doc, vocab_file, tokenizer)
-    rows = head_rows(model)
-    keep = select_keep_ids(rank_ids(doc["counts"]), k, rows, special_ids(tokenizer))
-    trim_drafter(model, keep)
-    kept_share = float(doc["counts"][keep].sum() / max(doc["counts"].sum(), 1))
-    info = {"k": k, "full_rows": rows, "coverage": kept_share, "vocab": str(vocab_file),
+    from .models import load_model, resolve_model
+    from .profiles import find_profile, model_key
+    from .resolve import vocab_for
+    from .trim import head_rows, save_trimmed, trim_drafter
+    from .vocab import keep_ids, load_vocab, ranked_for
+
+    drafter_path = resolve_model(draft_model)
+    check_output(out, inputs=[drafter_path, vocab_file], force=force, directory=True)
+    profile, where = find_profile(model_key(model), model_key(draft_model, drafter_path))  # the target is not loaded
+    drafter, tokenizer = load_model(drafter_path)
+    path, how = vocab_for(tokenizer, None if vocab_file is None else str(vocab_file))
+    if path is None:
+        raise VocabTrimError(f"no vocab matches {draft_model}'s tokenizer: pass --vocab FILE "
+                             "(`mlx-vocabtrim calibrate` makes one)")  # fmt: skip
+    doc = load_vocab(path)
+    rows = head_rows(drafter)
+    keep = keep_ids(ranked_for(doc, path, tokenizer), k, rows, tokenizer)
+    trim_drafter(drafter, keep, keep_full_head=context_head)
+    kept_share = float(doc["counts"][[i for i in keep if i < len(doc["counts"])]].sum() / max(doc["counts"].sum(), 1))
+    info = {"k": k, "full_rows": rows, "coverage": kept_share, "vocab": f"{path} ({how})",
             "source": doc["metadata"].get("source"), "data": doc["metadata"].get("data"),
             "drafter": draft_model}  # fmt: skip
-    save_trimmed(model, tokenizer, load_config(Path(resolve_model(draft_model))), out, info)
-    click.echo(f"Wrote {out}: head {rows} -> {k} rows, coverage {info['coverage']:.2%}")
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip() and x.strip() != "full"]
-    except ValueError:
-        raise VocabTrimError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+    if profile is not None:
+        info["profile"] = asdict(replace(profile, k=k, context_head=profile.context_head and context_head))
+        info["profile_from"] = where
+    with output_lock(out):
+        save_trimmed(drafter, tokenizer, load_config(Path(drafter_path)), out, info, force=force)
+    carried = f"; carries {where}" if profile is not None else ""
+    click.echo(f"Wrote {out}: head {rows} -> {k} rows, coverage {info['coverage']:.2%}{carried}")
 
 
 @cli.command()
 @click.option("--model", default=DEFAULT_TARGET, show_default=True, help="Target model.")
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter (untrimmed).")
-@click.option(
-    "--vocab", "vocab_file", default=None, help="Vocab file ranking the kept ids [default: the packaged one]."
-)
-@click.option(
-    "--k",
-    "ks",
-    default="8192,16384,32768",
-    show_default=True,
-    help="Head sizes to compare, comma-separated ('full' is always run).",
-)
-@click.option(
-    "--num-draft-tokens", type=int, default=3, show_default=True, help="Draft length of every speculative method."
-)
-@click.option(
-    "--questions",
-    default="../shared/data/spec_bench/question.jsonl",
-    show_default=True,
-    help="Spec-Bench question.jsonl.",
-)
-@click.option("--per-category", type=int, default=2, show_default=True, help="Questions per Spec-Bench category.")
-@click.option("--max-tokens", type=int, default=128, show_default=True, help="New tokens per answer.")
-@click.option(
-    "--max-prompt-tokens", type=int, default=None, help="Cut longer questions to their start [default: no cut]."
-)
-@click.option(
-    "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy, checked lossless)."
-)
-@click.option(
-    "--draft-threshold", type=float, default=0.0, show_default=True,
-    help="full and trim@k end a round's drafting once the drafter's confidence falls below this (0: fixed length).",
-)  # fmt: skip
-@click.option(
-    "--auto", is_flag=True,
-    help="Pick k, num-draft-tokens and draft-threshold on held-out questions, then confirm the pick.",
-)  # fmt: skip
-@click.option(
-    "--auto-prompts", type=int, default=4, show_default=True, help="Held-out questions --auto measures to pick."
-)
-@click.option(
-    "--out",
-    default="bench-out",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Directory for bench.json, bench.md and bench.png.",
-)
-def bench(model, draft_model, vocab_file, ks, num_draft_tokens, questions, per_category, max_tokens, max_prompt_tokens,
-          temp, draft_threshold, auto, auto_prompts, out):  # fmt: skip
-    """Spec-Bench: target, mlx-lm-spec, full and trim@k side by side on the same prompts."""
-    from . import bench as b
-    from .calibrate import chat_prompt
-    from .generate import DEFAULT_VOCAB
-    from .models import load_pair
-    from .speculative import SpecStats, check_draft_threshold
-    from .trim import trimmed_copy
-    from .vocab import read_ranked_ids
+@click.option("--vocab", default=None, help="Vocab file ranking the kept ids [default: one matching the tokenizer].")
+@click.option("--k", "ks", default="8192,16384,32768", show_default=True,
+              help="Head sizes to weigh, comma-separated (the full head is always weighed).")  # fmt: skip
+@click.option("--questions", default=None, help="Spec-Bench JSONL to tune on [default: the packaged Spec-Bench].")
+@count_option("--prompts", 4, "Questions to tune on, spread over the file.")
+@count_option("--max-tokens", 128, "Tokens decoded per question.")
+@count_option("--max-prompt-tokens", None, "Cut longer questions to their start [default: no cut].")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Profile file to write [default: this machine's store, used by generate/chat/serve].")  # fmt: skip
+@force_option("an existing --out file")
+def tune(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prompt_tokens, out, force):
+    """Pick k, draft length, draft threshold, context head and prompt lookup for this machine and pair;
+    save them as the pair's profile."""
+    from .bench import tune_pair
 
-    k_list = _int_list(ks, "--k")
-    check_draft_threshold(draft_threshold)
-    qs = b.read_questions(questions, per_category)
-    target, tokenizer, drafter = load_pair(model, draft_model)
-    rows = head_rows(drafter)
-    ranked = read_ranked_ids(vocab_file or DEFAULT_VOCAB, tokenizer)
-    trimmed = {k: trimmed_copy(drafter, select_keep_ids(ranked, k, rows, special_ids(tokenizer))) for k in k_list}
-    env = b.environment(target)
-    click.echo(f"BLAS: {env['blas']}; weights {env['dtype']}; {env['device']}; {env['cpu']}", err=True)
-    eos = set(tokenizer.eos_token_ids)
-    encode = lambda text: chat_prompt(tokenizer, text, max_prompt_tokens)  # noqa: E731
-    gamma = num_draft_tokens
-    spec = [b.Method(f"mlx-lm-spec@{gamma}", "mlx-lm-spec", drafter, gamma),
-            b.Method("full", "ours", drafter, gamma, rows, draft_threshold)]  # fmt: skip
-    sweep = [b.Method(f"trim@{k}", "ours", d, gamma, k, draft_threshold) for k, d in trimmed.items()]
-    methods = [b.Method("target", "target"), *spec, *sweep]
-    vocab_used = str(vocab_file or DEFAULT_VOCAB)
-    report: dict = {"environment": env, "model": model, "draft_model": draft_model, "vocab": vocab_used,
-                    "questions": str(questions), "max_tokens": max_tokens, "temp": temp}  # fmt: skip
-    config = {"model": model, "draft_model": draft_model, "vocab": vocab_used, "k": k_list, "num_draft_tokens": gamma,
-              "questions": str(questions), "per_category": per_category, "max_tokens": max_tokens,
-              "max_prompt_tokens": max_prompt_tokens, "temp": temp, "draft_threshold": draft_threshold, "auto": auto,
-              "auto_prompts": auto_prompts}  # fmt: skip
-    entries, log = b.resume_log(out, config)
-    done = {(e["run"]["question_id"], e["run"]["method"]): b.Run(**e["run"]) for e in entries if "run" in e}
-    if entries:
-        click.echo(f"Resuming the unfinished bench in {out}: {len(done)} runs done", err=True)
-    if auto:
-        tuning, qs = b.tuning_questions(questions, qs, auto_prompts)
-        candidates = {rows: drafter, **trimmed}
-        tuned = next((e["auto"] for e in entries if "auto" in e), None)
-        if tuned is None:
-            gammas = list(b.GAMMAS)
-            probe = b.Method(f"full@{gammas[-1]}", "ours", drafter, gammas[-1], rows)
-            rounds = []
-            with progress_bar_over(len(tuning), "Auto-tuning") as advance:
-                for q in tuning:
-                    stats = SpecStats(confidences=[])
-                    run = b.run_method(probe, target, encode(q["prompt"]), max_tokens, 0.0, eos, stats)
-                    rounds += zip(b.accepted_runs(run.tokens, run.from_draft), stats.confidences, strict=False)
-                    advance()
-            tuned = b.auto_tune(target, candidates, rounds, gammas, encode(tuning[0]["prompt"]))
-            tuned["tuning_questions"] = [q["question_id"] for q in tuning]
-            log({"auto": tuned})
-        pick = tuned["choice"]
-        best = (pick["k"], pick["num_draft_tokens"], pick["draft_threshold"])
-        same = [m for m in methods if m.kind == "ours" and (m.k, m.gamma, m.threshold) == best]
-        name = f"auto: {'full' if best[0] == rows else f'trim@{best[0]}'} x{best[1]}" + (
-            f" stop<{best[2]}" if best[2] else "")  # fmt: skip
-        chosen = same[0] if same else b.Method(name, "ours", candidates[best[0]], best[1], best[0], best[2])
-        click.echo(f"Auto choice: k={best[0]}, num-draft-tokens={best[1]}, draft-threshold={best[2]} (predicted "
-                   f"{pick['predicted_tokens_per_s']:.3f} tok/s), confirmed as {chosen.name!r}", err=True)  # fmt: skip
-        report["auto"] = tuned | {"method": chosen.name}
-        if gamma != 3:  # the anchor the choice is judged against: mlx-lm's default draft length
-            methods.insert(1, b.Method("mlx-lm-spec@3", "mlx-lm-spec", drafter, 3))
-        if not same:
-            methods.append(chosen)
-    warm = encode("Say hi.")
-    for m in methods:  # tuning times its own steps after a warm pass; the benchmark starts warm too
-        b.run_method(m, target, warm, 4, temp, eos)
-    with progress_bar_over(len(qs) * len(methods), "Benchmark") as advance:
-        runs = b.interleave(qs, methods, target, encode, max_tokens, temp, eos, advance, done,
-                            lambda run: log({"run": asdict(run)}))  # fmt: skip
-    if temp == 0:
-        b.check_lossless(runs)
-    c_of = {m.name: b.step_bytes(m.drafter) / b.step_bytes(target) for m in methods if m.drafter is not None}
-    head_of = {m.name: head_bytes(m.drafter) for m in methods if m.drafter is not None}
-    summary = b.summarize(runs, methods, c_of)
-    categories = b.by_category(runs, methods, c_of)
-    report |= {"summary": summary, "categories": categories, "c": c_of, "head_bytes": head_of,
-               "step_bytes_note": "bytes of all weights read per decode step, input embedding rows excluded",
-               "runs": b.runs_as_dicts(runs)}  # fmt: skip
-    table = b.markdown(summary, categories, env, head_of)
-    paths = b.write_outputs(out, report, table, rows)
-    click.echo(table)
-    click.echo("Wrote " + ", ".join(map(str, paths)))
+    tune_pair(model, draft_model, vocab, _int_list(ks, "--k"), questions, prompts, max_tokens, max_prompt_tokens,
+              out, force, echo=click.echo)  # fmt: skip
 
 
-@contextmanager
-def progress_bar_over(total: int, label: str):
-    """A click progress bar on stderr; yields a callback that advances it by one."""
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True) as bar:
-        yield lambda: bar.update(1)
+@cli.command()
+@click.option("--model", default=DEFAULT_TARGET, show_default=True, help="Target model.")
+@click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter (untrimmed).")
+@click.option("--vocab", default=None, help="Vocab file ranking the kept ids [default: one matching the tokenizer].")
+@click.option("--methods", default="full,trim@16384,trim@32768", show_default=True,
+              help="Our settings to run, comma-separated: full or trim@K, optionally +ctx (context head) and "
+                   "+lookup (prompt lookup); '' for none.")  # fmt: skip
+@num_draft_tokens_option(3, "Draft length of --methods.")
+@draft_threshold_option(0.0, "Draft threshold of --methods (0: fixed length).")
+@count_option("--lookup-ngram", 3, "Prompt lookup's n for +lookup methods.", 1, 16)
+@count_option("--lookup-tokens", 8, "Most tokens +lookup methods copy per target call.", 1, 64)
+@click.option("--k", "ks", default="8192,16384,32768", show_default=True,
+              help="Head sizes --auto weighs, comma-separated (the full head is always weighed).")  # fmt: skip
+@click.option("--baseline", default="auto", show_default=True,
+              help="mlx-lm's draft length for the baseline `mlx-lm-spec@N`: a number, or auto (its best on this "
+                   "machine, tuned like ours). mlx-lm's default (3) is always run too.")  # fmt: skip
+@click.option("--auto", is_flag=True, help="Tune our settings on held-out questions, run the choice, save the profile.")
+@count_option("--auto-prompts", 4, "Held-out questions tuning decodes.")
+@click.option("--questions", default=None, help="Spec-Bench question.jsonl [default: the packaged Spec-Bench].")
+@count_option("--per-category", 2, "Questions per Spec-Bench category.")
+@count_option("--max-tokens", 128, "New tokens per answer.")
+@count_option("--max-prompt-tokens", None, "Cut longer questions to their start [default: no cut].")
+@temp_option("Sampling temperature (0: greedy, checked lossless).")
+@top_p_option()
+@count_option("--repeats", 1, "Runs of each method per question, in a seeded random order.")
+@seed_option(0, "Seed of the run order (and of sampling).")
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path),
+              help="Directory for bench.json, bench.md and bench.png.")  # fmt: skip
+@force_option("a finished bench in --out")
+@click.option("--save-profile/--no-save-profile", default=True, show_default=True,
+              help="With --auto, save the choice as the pair's profile on this machine.")  # fmt: skip
+def bench(model, draft_model, vocab, methods, num_draft_tokens, draft_threshold, lookup_ngram, lookup_tokens, ks,
+          baseline, auto, auto_prompts, questions, per_category, max_tokens, max_prompt_tokens, temp, top_p, repeats,
+          seed, out, force, save_profile):  # fmt: skip
+    """Spec-Bench: the target, mlx-lm's speculative decoding and our settings side by side."""
+    from .bench import run_bench
+
+    if baseline != "auto":
+        baseline = _int_list(baseline, "--baseline")
+        if len(baseline) != 1 or not 1 <= baseline[0] <= 64:
+            raise VocabTrimError("--baseline takes a draft length from 1 to 64, or auto")
+        baseline = baseline[0]
+    run_bench(model=model, draft_model=draft_model, vocab=vocab, methods=methods, num_draft_tokens=num_draft_tokens,
+              draft_threshold=draft_threshold, lookup_ngram=lookup_ngram, lookup_tokens=lookup_tokens,
+              ks=_int_list(ks, "--k"), baseline=baseline, auto=auto, auto_prompts=auto_prompts, questions=questions,
+              per_category=per_category, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, temp=temp,
+              top_p=top_p, repeats=repeats, seed=seed, out=out, force=force, save_profile=save_profile,
+              echo=click.echo)  # fmt: skip

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,15 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import VocabTrimError
+from .files import partial_dir
 
 ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 DTYPES = {"float32": (mx.float32, "F32"), "float16": (mx.float16, "F16"), "bfloat16": (mx.bfloat16, "BF16")}
 SHARD_BYTES = 2 << 30
 BLOCK_ROWS = 4096
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUPS = (32, 64, 128)
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -281,17 +283,23 @@ def convert_gguf(
     q_bits: int = 4,
     q_group_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> Path:
     """Convert a GGUF file into an mlx-lm directory at `out`; returns `out`.
 
-    progress(done_bytes, total_bytes) is called after every tensor.
+    progress(done_bytes, total_bytes) is called once the file is checked, then after every
+    tensor. An existing `out` is refused unless `force`, and then replaced only once the new
+    directory is complete.
     """
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise VocabTrimError(f"--dtype {dtype} is not supported: use one of {', '.join(DTYPES)}")
+    if quantize and (q_bits not in QUANT_BITS or q_group_size not in QUANT_GROUPS):
+        raise VocabTrimError(f"--q-bits {q_bits} --q-group-size {q_group_size} is not supported: bits are one of "
+                             f"{QUANT_BITS}, group sizes one of {QUANT_GROUPS}")  # fmt: skip
     out = Path(out)
-    if out.exists():
-        raise VocabTrimError(f"{out} already exists: remove it or pick another --out")
+    if out.exists() and not force:
+        raise VocabTrimError(f"{out} already exists: pass --force to replace it, or pick another --out")
     reader = open_gguf(gguf_path)
     config = read_config(reader)
     plan = _plan(reader, config)
@@ -303,23 +311,22 @@ def convert_gguf(
         if progress:
             progress(done, total)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    tmp.chmod(0o755)
-    try:
+    advance(0)  # the file is checked: writing starts
+    with partial_dir(out, force=force) as tmp:
         float_dir = tmp / "float" if quantize else tmp
         float_dir.mkdir(exist_ok=True)
         config["torch_dtype"] = dtype
         (float_dir / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(reader, config["model_type"], float_dir)
         _write_shards(plan, float_dir, dtype, advance)
-        final = tmp
         if quantize:
             from mlx_lm import convert as mlx_lm_convert
 
-            final = tmp / "quantized"
-            mlx_lm_convert(str(float_dir), mlx_path=str(final), quantize=True, q_bits=q_bits, q_group_size=q_group_size)
-        os.replace(final, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            quantized = tmp / "quantized"
+            mlx_lm_convert(str(float_dir), mlx_path=str(quantized), quantize=True, q_bits=q_bits,
+                           q_group_size=q_group_size)  # fmt: skip
+            shutil.rmtree(float_dir)
+            for item in quantized.iterdir():
+                os.replace(item, tmp / item.name)
+            quantized.rmdir()
     return out

@@ -3,6 +3,12 @@
 import click
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type: the reason shown in a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class VocabTrimError(click.ClickException):
     """A user-facing error: its text names the problem and the fix."""
 

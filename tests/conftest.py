@@ -1,6 +1,8 @@
 """Tiny real mlx-lm models (llama and qwen2, random weights, fixed seeds) and their tokenizer."""
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,6 +11,11 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+# Tests see neither the user's profiles and vocab files nor a system OpenBLAS (see blas.py): every
+# process they start inherits these.
+os.environ["MLX_VOCABTRIM_CACHE"] = tempfile.mkdtemp(prefix="mlx-vocabtrim-tests-")
+os.environ["MLX_VOCABTRIM_OPENBLAS"] = "0"
 
 VOCAB = 320
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -248,7 +248,7 @@ def test_trimmed_directory_generates_like_in_memory_trimming(model_dirs, target_
     loaded, tokenizer = load_draft(tmp_path / "trimmed")
     in_memory, _ = load(str(model_dirs["drafter"]))
     keep = select_keep_ids(rank_ids(load_vocab(target_vocab)["counts"]), 40, 320, special_ids(tokenizer))
-    trim_drafter(in_memory, keep)
+    trim_drafter(in_memory, keep, keep_full_head=True)  # the directory saved the full head (context rows)
     assert loaded.vocab_remap.tolist() == keep
     assert set(special_ids(tokenizer)) <= set(keep)
     target, _ = load(str(model_dirs["target"]))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import build_tokenizer, make_model, model_config, save_model
 
 from mlx_vocabtrim import VocabTrimError, load_pair, save_vocab, tokenizer_fingerprint
-from mlx_vocabtrim.generate import main as generate_main
+from mlx_vocabtrim.cli import generate as generate_main
 
 
 def run(*args):
@@ -107,13 +107,13 @@ def bad_cases(model_dirs, ranked_file, tmp_path):
     shutil.copytree(model_dirs["target"], broken_model)
     (broken_model / "model.safetensors").write_bytes(b"\x00" * 100)
     return [
-        ([*pair, "--vocab", str(ranked_file), "--k", "0"], "--k 0 is out of range: choose 1 <= k <= 320"),
+        ([*pair, "--vocab", str(ranked_file), "--k", "0"], "--k 0 is out of range: use 1 or more"),
         ([*pair, "--vocab", str(ranked_file), "--k", "321"], "--k 321 is out of range"),
         ([*pair, "--vocab", str(tmp_path / "missing.txt")], "does not exist"),
         ([*pair, "--vocab", str(foreign)], "was made for another tokenizer"),
         ([*pair, "--vocab", str(corrupt)], "is corrupt"),
         ([*pair, "--vocab", str(not_ids)], "is not a list of token ids"),
-        ([*pair, "--k", "5"], "--k needs --vocab"),
+        ([*pair, "--k", "5"], "--k needs a vocab: none matches"),
         (["--model", target, "--vocab", str(ranked_file)], "also pass --draft-model"),
         ([*pair, "--prompt", "   "], "the prompt is empty"),
         (["--model", str(tmp_path / "nowhere")], "not found"),

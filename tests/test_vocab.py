@@ -4,9 +4,11 @@ import gzip
 
 import numpy as np
 import pytest
+from conftest import build_tokenizer
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_vocabtrim import VocabTrimError, load_vocab, read_ranked_ids, save_vocab, select_keep_ids
-from mlx_vocabtrim.vocab import rank_ids, special_ids, tokenizer_fingerprint
+from mlx_vocabtrim.vocab import rank_ids, real_size, special_ids, tokenizer_fingerprint
 
 
 def test_rank_breaks_ties_by_smaller_id():
@@ -44,9 +46,49 @@ def test_vocab_file_round_trip_is_atomic_and_gzip(tmp_path, tokenizer):
         read_ranked_ids(path, tokenizer)
 
 
-def test_fingerprint_and_specials(tokenizer):
-    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(tokenizer)
-    assert tokenizer_fingerprint(tokenizer).startswith("sha256:")
+def test_fingerprint_tells_token_tables_apart(tokenizer_dir, tmp_path):
+    """The fingerprint names the id -> token table: two tokenizer objects holding the same table
+    (a raw Hugging Face tokenizer and mlx-lm's wrapper of another load) agree; a tokenizer
+    trained with other special tokens, or with one more real token, differs; llama.cpp's
+    `[PADn]` placeholders past the real table change neither the fingerprint nor real_size."""
+    from transformers import AutoTokenizer
+
+    raw = AutoTokenizer.from_pretrained(tokenizer_dir)
+    wrapped = TokenizerWrapper(AutoTokenizer.from_pretrained(tokenizer_dir))
+    fingerprint = tokenizer_fingerprint(raw)
+    assert fingerprint.startswith("sha256:") and tokenizer_fingerprint(wrapped) == fingerprint
+    build_tokenizer(tmp_path / "other", specials=["<s>", "</s>", "<pad>"])
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "other")) != fingerprint
+    size = real_size(raw)
+    padded = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert padded.add_tokens([f"[PAD{i}]" for i in range(size, size + 5)]) == 5
+    assert len(padded.get_vocab()) == size + 5
+    assert tokenizer_fingerprint(padded) == fingerprint and real_size(padded) == size
+    assert padded.add_tokens(["<extra>"]) == 1
+    assert tokenizer_fingerprint(padded) != fingerprint
+
+
+class Table:
+    """The one thing the fingerprint reads from a tokenizer."""
+
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+
+def test_fingerprint_reads_which_id_holds_which_token():
+    """Same size, same tokens, two ids swapped: another tokenizer. Only tokens named like
+    llama.cpp's placeholders (`[PAD<n>]`) are left out as padding."""
+    base = {"a": 0, "b": 1, "c": 2}
+    assert tokenizer_fingerprint(Table(base)) != tokenizer_fingerprint(Table({"a": 0, "c": 1, "b": 2}))
+    padded = Table(base | {"[PAD3]": 3, "[PAD4]": 4})
+    assert tokenizer_fingerprint(padded) == tokenizer_fingerprint(Table(base)) and real_size(padded) == 3
+    assert tokenizer_fingerprint(Table(base | {"[PAD]": 3})) != tokenizer_fingerprint(Table(base))
+
+
+def test_special_ids_keep_the_chat_tokens(tokenizer):
     ids = special_ids(tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
