@@ -1,9 +1,10 @@
-"""Speculative decoding with a (trimmed) drafter: greedy and exact sampling, with stats.
+"""Speculative decoding with a (trimmed) drafter and prompt lookup: greedy and exact sampling.
 
-One round: the drafter proposes `gamma` tokens in its trimmed space (mapped to target
-ids by `vocab_remap`), the target scores [last, d1..d_gamma] in one forward pass, the
-accepted prefix plus one correction/bonus token is emitted and both KV caches are
-rolled back to what was emitted.
+One round: proposals are copied from the context (prompt lookup, q = 1 on its token) and/or
+drafted by the drafter in its trimmed space (plus the request's own ids, mapped to target ids
+by the head's remap); the target scores [last, x1..xg] in one forward pass, the accepted
+prefix plus one correction/bonus token is emitted and both KV caches are rolled back to
+what was emitted.
 """
 
 import time
@@ -19,16 +20,22 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import VocabTrimError
+from .heads import DraftHead, model_body
+from .lookup import PromptLookup
+from .options import check_draft_threshold, check_lookup, check_num_draft_tokens, check_temp, check_top_p
+from .trim import head_rows
 
 
 @dataclass
 class SpecStats:
     """Counters of one generation; updated in place while tokens are yielded."""
 
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
+    draft_tokens: int = 0  # drafts the target verified, drafted or copied
+    lookup_tokens: int = 0  # of them, copied from the context
+    accepted_tokens: int = 0  # drafts emitted, counted as they are yielded (none after a stop)
     target_calls: int = 0
     generated_tokens: int = 0
+    context_rows: int = 0  # rows the context head added for the request's own ids
     confidences: list[list[float]] | None = field(default=None)  # per round, when a list: see draft_threshold
 
     @property
@@ -47,6 +54,7 @@ class SpeculativeResponse(GenerationResponse):
     draft_tokens: int = 0
     accepted_tokens: int = 0
     target_calls: int = 0
+    lookup_tokens: int = 0
 
 
 def sampling_logprobs(logits: mx.array, temp: float, top_p: float) -> mx.array:
@@ -59,50 +67,46 @@ def sampling_logprobs(logits: mx.array, temp: float, top_p: float) -> mx.array:
     return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
 
 
-def _body(model: nn.Module) -> nn.Module:
-    """The transformer without its LM head (mlx-lm's `model.model`), or the model itself.
-
-    Prefill needs only the KV cache: skipping the head saves a (tokens x vocab) matmul
-    per chunk, a sixth of a 1.5B target's prefill and a quarter of a 0.5B drafter's.
-    """
-    body = getattr(model, "model", None)
-    return body if isinstance(body, nn.Module) and hasattr(body, "layers") and hasattr(body, "embed_tokens") else model
-
-
 def _prefill(model: nn.Module, cache: list, tokens: mx.array, step: int) -> None:
-    body = _body(model)
+    """Fill `cache` with `tokens` in passes of `step`, through the model body where there is one:
+    the KV cache needs no logits."""
+    body = model_body(model)
+    body = model if body is None else body
     for start in range(0, tokens.size, step):
         body(tokens[start : start + step][None], cache=cache)
         mx.eval([c.state for c in cache])
     mx.clear_cache()
 
 
-def check_draft_threshold(threshold: float) -> None:
-    """A draft threshold is a probability below 1 (0 turns adaptive drafting off)."""
-    if not 0 <= threshold < 1:
-        raise VocabTrimError(f"--draft-threshold {threshold} is out of range: use 0 <= t < 1 (0: fixed length)")
+def _offset(cache: list) -> int:
+    """Tokens a prompt cache holds (0 when its layers do not say)."""
+    return int(getattr(cache[0], "offset", 0)) if cache else 0
 
 
 def _first_rejected(flags: Sequence[bool]) -> int:
     return next((i for i, ok in enumerate(flags) if not ok), len(flags))
 
 
-def verify_sampled(
-    p_logprobs: mx.array,
-    drafted: mx.array,
-    indices: mx.array | None,
-    q: mx.array | None,
-    remap: mx.array | None,
-) -> tuple[mx.array, mx.array, mx.array]:
+def proposal_row(q: mx.array, remap: mx.array | None, vocab: int) -> mx.array:
+    """A drafter's probabilities over its rows as a distribution over the target's `vocab` ids.
+
+    Trimmed: scattered through the remap (zero elsewhere). Untrimmed heads may score more
+    or fewer rows than the target (padded vocabularies): ids the target cannot emit are
+    dropped, which `verify_sampled` accounts for (they are never accepted).
+    """
+    if remap is not None:
+        return mx.put_along_axis(mx.zeros((vocab,), mx.float32), remap, q, axis=-1)
+    return q[:vocab] if q.shape[-1] >= vocab else mx.pad(q, [(0, vocab - q.shape[-1])])
+
+
+def verify_sampled(p_logprobs: mx.array, drafted: mx.array, q: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
     """Speculative sampling of one round, on device.
 
-    p_logprobs: (gamma+1, V) target log-probs; drafted: (gamma,) target ids drawn from
-    q: (gamma, k) drafter probs over its kept ids (`indices` into q; `remap` maps them
-    to target ids, None when untrimmed). Returns accept flags (draft x kept with
-    probability min(1, p(x)/q(x))), a draw from normalize(max(p - q, 0)) for every
-    position, and the bonus draw from p after the last draft. An untrimmed drafter may
-    score more or fewer rows than the target (padded vocabularies): ids the target cannot
-    emit are never accepted, which keeps the output distribution exact.
+    p_logprobs: (gamma+1, V) target log-probs; drafted: (gamma,) target ids, each drawn from
+    its row of q: (gamma, V) proposal probabilities over the target's ids (one-hot for a
+    copied token). Returns accept flags (draft x kept with probability min(1, p(x)/q(x))),
+    a draw from normalize(max(p - q, 0)) for every position, and the bonus draw from p
+    after the last draft. A drafted id the target cannot emit is never accepted.
     """
     gamma = drafted.size
     bonus = mx.random.categorical(p_logprobs[gamma])
@@ -111,17 +115,22 @@ def verify_sampled(
     p = mx.exp(p_logprobs[:gamma])
     vocab = p.shape[-1]
     ids = drafted[:, None].astype(mx.int32)
-    p_draft = mx.where(ids < vocab, mx.take_along_axis(p, mx.minimum(ids, vocab - 1), axis=-1), 0.0)[:, 0]
-    q_draft = mx.take_along_axis(q, indices[:, None].astype(mx.int32), axis=-1)[:, 0]
+    inside = ids < vocab
+    ids = mx.minimum(ids, vocab - 1)
+    p_draft = mx.where(inside, mx.take_along_axis(p, ids, axis=-1), 0.0)[:, 0]
+    q_draft = mx.where(inside, mx.take_along_axis(q, ids, axis=-1), 1.0)[:, 0]
     accept = mx.random.uniform(shape=(gamma,)) * q_draft < p_draft
-    if remap is not None:
-        q_full = mx.put_along_axis(mx.zeros_like(p), mx.broadcast_to(remap[None], q.shape), q, axis=-1)
-    elif q.shape[-1] >= vocab:  # ids the target cannot emit are never accepted; their mass leaves q
-        q_full = q[:, :vocab]
-    else:
-        q_full = mx.pad(q, [(0, 0), (0, vocab - q.shape[-1])])
-    residual = mx.maximum(p - q_full, 0.0)
+    residual = mx.maximum(p - q, 0.0)
     return accept, mx.random.categorical(mx.log(residual)), bonus
+
+
+def _bias_vector(logit_bias: dict[int, float], vocab: int) -> mx.array:
+    bad = next((i for i in logit_bias if not 0 <= int(i) < vocab), None)
+    if bad is not None:
+        raise VocabTrimError(f"logit_bias names token id {bad}, outside the vocabulary [0, {vocab})")
+    bias = mx.zeros((vocab,), mx.float32)
+    ids = mx.array([int(i) for i in logit_bias], mx.int32)
+    return mx.put_along_axis(bias, ids, mx.array(list(logit_bias.values()), mx.float32), axis=-1)
 
 
 def speculative_generate_step(
@@ -137,27 +146,41 @@ def speculative_generate_step(
     prefill_step_size: int = 512,
     stats: SpecStats | None = None,
     draft_threshold: float = 0.0,
+    context_head: bool = True,
+    lookup_ngram: int = 0,
+    lookup_tokens: int = 8,
+    logit_bias: dict[int, float] | None = None,
+    context: Sequence[int] = (),
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yield (token, target logprobs, from_draft) like mlx-lm's speculative_generate_step.
 
-    Greedy (temp 0) output equals the target's own greedy decoding. With temp > 0 a
-    draft x is accepted with probability min(1, p(x)/q(x)), otherwise a token is drawn
-    from normalize(max(p - q, 0)); q is zero outside the drafter's kept ids, so the
-    output follows the target's distribution exactly. `draft_model=None` decodes with
-    the target alone. `prompt_cache` holds the target's layers, then the drafter's.
+    Greedy (temp 0) output equals the target's own greedy decoding. With temp > 0 a draft
+    x is accepted with probability min(1, p(x)/q(x)), otherwise a token is drawn from
+    normalize(max(p - q, 0)); q is zero outside the drafter's rows (one-hot for a copied
+    token), so the output follows the target's distribution exactly. `draft_model=None`
+    decodes with the target alone (plus prompt lookup, when on). `prompt_cache` holds the
+    target's layers, then the drafter's; `context` names the tokens the target's layers
+    already hold, for lookup and the context head, and to catch the drafter's layers up where
+    they lag (a generator closed early leaves the drafter's last tokens unprocessed).
 
-    `draft_threshold` > 0 ends a round's drafting early, once the product of the drafter's
-    probabilities of its own drafts falls below it (the last of them is still verified):
-    sure drafts run up to `num_draft_tokens`, doubtful ones stop at the first step. The
-    stop depends on the drafter alone, so outputs and their distribution are unchanged.
-    When `stats.confidences` is a list, each round (target call) appends its running products.
+    - `draft_threshold` > 0 ends a round's drafting once the product of the drafter's
+      probabilities of its own drafts falls below it (the last of them is still verified).
+      When `stats.confidences` is a list, each round appends its running products.
+    - `context_head`: a trimmed drafter that kept its full head also scores the rows of
+      every id in the context and output so far (`DraftHead`).
+    - `lookup_ngram` n > 0: where the context's last n (or more) tokens occurred before, up
+      to `lookup_tokens` tokens that followed are proposed first, for free; the drafter
+      drafts the rest of `num_draft_tokens`, if any.
+    - `logit_bias` {id: bias} is added to the target's logits.
     """
     prompt = (prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))).astype(mx.uint32)
     if prompt.size == 0:
         raise VocabTrimError("the prompt is empty: give at least one token")
-    if num_draft_tokens < 0:
-        raise VocabTrimError(f"--num-draft-tokens {num_draft_tokens} is negative: use 0 or more")
+    check_num_draft_tokens(num_draft_tokens)
     check_draft_threshold(draft_threshold)
+    check_temp(temp)
+    check_top_p(top_p)
+    check_lookup(lookup_ngram, lookup_tokens)
     stats = SpecStats() if stats is None else stats
     if prompt_cache is None:
         target_cache = make_prompt_cache(model)
@@ -165,30 +188,38 @@ def speculative_generate_step(
     else:
         target_cache = prompt_cache[: len(model.layers)]
         draft_cache = prompt_cache[len(model.layers) :]
-    if draft_model is not None and not can_trim_prompt_cache(target_cache + draft_cache):
+    speculating = draft_model is not None or lookup_ngram > 0
+    if speculating and not can_trim_prompt_cache(target_cache + draft_cache):
         raise VocabTrimError("speculative decoding needs trimmable KV caches: use mlx-lm's default KVCache")
-    remap = None if draft_model is None else getattr(draft_model, "vocab_remap", None)
     sampling = temp > 0
     track = draft_threshold > 0 or stats.confidences is not None
+    history = [*context, *prompt.tolist()]
+    head = None if draft_model is None else DraftHead(draft_model, context_head, head_rows(model))
+    lookup = PromptLookup(lookup_ngram) if lookup_ngram else None
+    if head is not None:
+        head.add(history)
+    if lookup is not None:
+        lookup.extend(history)
+    bias = _bias_vector(logit_bias, head_rows(model)) if logit_bias else None
 
-    def draft(pending: mx.array, gamma: int) -> tuple[mx.array, mx.array, mx.array | None, list[float]]:
-        """Up to gamma drafted target ids, their trimmed indices, (when sampling) q rows and,
-        when tracked, the running confidences."""
-        ids, indices, probs = [], [], []
-        y = pending
+    def draft(feed: list[int], count: int) -> tuple[list[mx.array], list[mx.array], list[float]]:
+        """Up to `count` drafted target ids after `feed` (tokens the drafter has not seen),
+        their q rows over the head's rows (when sampling) and, when tracked, the running
+        confidences."""
+        ids, rows = [], []
+        y = mx.array(feed, mx.uint32)
         confidence = [1.0]
-        for _ in range(gamma):
-            logits = draft_model(y[None], cache=draft_cache)[0, -1]
+        for _ in range(count):
+            logits = head(y, draft_cache)
             if sampling:
                 logq = sampling_logprobs(logits, temp, top_p)
                 index = mx.random.categorical(logq)
-                probs.append(mx.exp(logq))
+                rows.append(mx.exp(logq))
             else:
                 index = mx.argmax(logits, axis=-1)
-            token = index if remap is None else remap[index]
+            token = index if head.remap is None else head.remap[index]
             y = token.reshape(1).astype(mx.uint32)
             ids.append(y)
-            indices.append(index)
             if track:
                 chosen = logq[index] if sampling else logits[index] - mx.logsumexp(logits)
                 confidence.append(confidence[-1] * mx.exp(chosen).item())
@@ -196,64 +227,85 @@ def speculative_generate_step(
                     break
             else:
                 mx.async_eval(y)
-        return mx.concatenate(ids), mx.stack(indices), mx.stack(probs) if sampling else None, confidence[1:]
+        return ids, rows, confidence[1:]
 
-    def rewind(gamma: int, kept: int) -> None:
-        """Keep `kept` of the gamma drafts in the target cache (the drafter lags one)."""
-        trim_prompt_cache(target_cache, gamma - kept)
-        if gamma:
-            trim_prompt_cache(draft_cache, max(gamma - 1 - kept, 0))
-
+    lag = _offset(target_cache) - _offset(draft_cache) if draft_model is not None and context else 0
+    if not 0 <= lag <= len(context):
+        raise VocabTrimError(f"the drafter's cache is {lag} tokens behind the target's, but `context` names "
+                             f"{len(context)}: pass the tokens the target's cache holds as `context`")  # fmt: skip
     _prefill(model, target_cache, prompt[:-1], prefill_step_size)
     if draft_model is not None:
-        _prefill(draft_model, draft_cache, prompt[:-1], prefill_step_size)
-    last = prompt[-1:]
-    pending = prompt[-1:]  # tokens the drafter has not processed yet
+        behind = mx.array(list(context[len(context) - lag :]), mx.uint32) if lag else prompt[:0]
+        _prefill(draft_model, draft_cache, mx.concatenate([behind, prompt[:-1]]), prefill_step_size)
+    last = history[-1]
+    pending = [last] if draft_model is not None else []  # context tokens the drafter has not processed
     emitted = 0
+    gamma = fed = 0
     open_round = None
+
+    def settle(kept: int) -> None:
+        """Keep `kept` of this round's proposals in the caches: the target holds the context but
+        its last token; the drafter what it processed of that."""
+        trim_prompt_cache(target_cache, gamma - kept)
+        if fed:
+            trim_prompt_cache(draft_cache, fed - min(fed, len(pending) + kept))
+
     try:
         while max_tokens < 0 or emitted < max_tokens:
-            remaining = max_tokens - emitted if max_tokens >= 0 else num_draft_tokens + 1
-            gamma = 0 if draft_model is None else min(num_draft_tokens, remaining - 1)
-            drafted, indices, q, confidence = (
-                draft(pending, gamma) if gamma else (mx.array([], mx.uint32), None, None, [])
-            )
-            gamma = drafted.size
+            budget = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens + lookup_tokens
+            copied = lookup.propose(min(lookup_tokens, budget)) if lookup is not None else []
+            count = 0 if head is None else max(0, min(num_draft_tokens, budget) - len(copied))
+            ids, rows, confidence = draft(pending + copied, count) if count else ([], [], [])
+            gamma = len(copied) + len(ids)
+            fed = len(pending) + len(copied) + len(ids) - 1 if ids else 0
             if stats.confidences is not None:
                 stats.confidences.append(confidence)
-            logits = model(mx.concatenate([last, drafted])[None], cache=target_cache)[0]
+            proposals = mx.concatenate([mx.array(copied, mx.uint32), *ids]) if gamma else mx.array([], mx.uint32)
+            logits = model(mx.concatenate([mx.array([last], mx.uint32), proposals])[None], cache=target_cache)[0]
+            if bias is not None:
+                logits = logits + bias
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             if sampling:
-                p_logprobs = sampling_logprobs(logits, temp, top_p)
-                accept, residual_draws, bonus = verify_sampled(p_logprobs, drafted, indices, q, remap)
-                mx.eval(accept, residual_draws, bonus, drafted)
+                vocab = logits.shape[-1]
+                q = None
+                if gamma:
+                    one_hot = [(mx.arange(vocab) == c).astype(mx.float32) for c in copied]
+                    q = mx.stack(one_hot + [proposal_row(r, head.remap, vocab) for r in rows])
+                accept, residual_draws, bonus = verify_sampled(sampling_logprobs(logits, temp, top_p), proposals, q)
+                mx.eval(accept, residual_draws, bonus, proposals)
                 n = _first_rejected(accept.tolist())
                 fix = residual_draws[n] if n < gamma else bonus
-                tokens = drafted.tolist()[:n] + [fix.item()]
+                drafts = proposals.tolist()
+                tokens = drafts[:n] + [fix.item()]
             else:
-                choice = mx.argmax(logprobs, axis=-1)
-                mx.eval(choice, drafted)
-                draft_ids, target_ids = drafted.tolist(), choice.tolist()
-                n = _first_rejected([d == t for d, t in zip(draft_ids, target_ids[:-1], strict=True)])
-                tokens = draft_ids[:n] + [target_ids[n]]
+                choice = mx.argmax(logits, axis=-1)
+                mx.eval(choice, proposals)
+                drafts, target_ids = proposals.tolist(), choice.tolist()
+                n = _first_rejected([d == t for d, t in zip(drafts, target_ids[:-1], strict=True)])
+                tokens = drafts[:n] + [target_ids[n]]
             stats.target_calls += 1
             stats.draft_tokens += gamma
-            stats.accepted_tokens += n
+            stats.lookup_tokens += len(copied)
             for j, token in enumerate(tokens):
-                open_round = (gamma, j)
+                open_round = j
                 emitted += 1
                 stats.generated_tokens += 1
+                stats.accepted_tokens += j < n
                 yield token, logprobs[j], j < n
             open_round = None
-            rewind(gamma, n)
-            last = mx.array(tokens[-1:], mx.uint32)
-            if gamma:
-                pending = mx.concatenate([drafted[-1:], last]) if n == gamma else last
-            elif draft_model is not None:
-                pending = mx.concatenate([pending, last])
+            settle(n)
+            if draft_model is not None:
+                pending = (pending + tokens)[min(fed, len(pending) + n) :]
+            last = tokens[-1]
+            if lookup is not None:
+                lookup.extend(tokens)
+            if head is not None:
+                head.add(tokens)
+                stats.context_rows = head.context_rows
+            gamma = fed = 0
     finally:
         if open_round is not None:
-            rewind(*open_round)
+            settle(open_round)
 
 
 def stream_generate(
@@ -313,6 +365,7 @@ def stream_generate(
                 draft_tokens=stats.draft_tokens,
                 accepted_tokens=stats.accepted_tokens,
                 target_calls=stats.target_calls,
+                lookup_tokens=stats.lookup_tokens,
             )
             if finish is not None:
                 break

@@ -1,14 +1,17 @@
 """Greedy speculative output equals plain mlx-lm target decoding, token for token."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import VOCAB, make_model, noisy_copy
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_vocabtrim import SpecStats, VocabTrimError, speculative_generate_step, stream_generate, trim_drafter
+from mlx_vocabtrim.trim import trimmed_copy
 from mlx_vocabtrim.vocab import select_keep_ids
 
 PROMPTS = [[5, 17, 33, 90, 200, 11], [7], [300, 2, 2, 2, 9, 150, 151, 152, 40, 41, 42, 43], list(range(60, 90))]
@@ -137,6 +140,25 @@ def test_caches_hold_exactly_what_was_emitted(pair):
     assert follow == reference(target, full, 12)
 
 
+def test_a_follow_up_with_context_catches_the_drafter_up(pair):
+    """A generator closed after a fully accepted round leaves the drafter a token behind; a follow-up
+    that names the cached tokens (`context`) feeds them to the drafter first, so both caches line up."""
+    arch, target, refs = pair
+    prompt, ref = next(iter(refs.items()))
+    cache = make_prompt_cache(target) + make_prompt_cache(target)
+    steps = speculative_generate_step(list(prompt), target, target, num_draft_tokens=3, prompt_cache=cache)
+    out = [next(steps)[0] for _ in range(8)]  # two rounds of 3 accepted drafts + bonus: the drafter lags
+    steps.close()
+    n_layers = len(target.layers)
+    assert cache[0].offset == len(prompt) + 7 > cache[n_layers].offset
+    stats = SpecStats()
+    follow = speculative_generate_step(out[-1:], target, target, prompt_cache=cache, max_tokens=8, stats=stats,
+                                       context=list(prompt) + out[:-1])  # fmt: skip
+    assert [t for t, _, _ in follow] == reference(target, list(prompt) + out, 8)
+    assert stats.accepted_tokens == stats.draft_tokens > 0, "the caught-up drafter agrees with the target"
+    assert cache[0].offset - cache[n_layers].offset <= 1, "the earlier lag was made up (a new one is at most 1)"
+
+
 def test_responses_carry_mlx_lm_fields_and_stats(pair, tokenizer):
     _, target, refs = pair
     prompt, ref = next(iter(refs.items()))
@@ -202,3 +224,198 @@ def test_draft_threshold_out_of_range(pair):
     _, target, _ = pair
     with pytest.raises(VocabTrimError, match="--draft-threshold 1.0 is out of range"):
         next(speculative_generate_step([1, 2], target, target, draft_threshold=1.0))
+
+
+# ------------------------------------------------ context head and prompt lookup: lossless, with exact counters
+
+FEATURE_PROMPTS = [
+    [5, 17, 33, 90, 5, 17, 33, 91, 5, 17],  # a repeated trigram: lookups fire in the first round
+    [7, 8, 7, 8, 7, 8, 7],  # periodic: copies run past the end of the context
+    [5, 17, 33, 90, 200, 11],
+    [300, 2, 2, 2, 9, 150, 151, 152, 40, 41, 42, 43],
+    list(range(60, 90)),
+]
+FEATURE_TOKENS = 40
+
+
+def lookup_proposals(history: list[int], ngram: int, limit: int) -> list[int]:
+    """Prompt lookup as specified, restated independently of lookup.py: the longest suffix of
+    max(4, n) down to n tokens that occurred before; the `limit` tokens that followed its latest
+    earlier occurrence, continuing periodically past the end of the context."""
+    end = len(history)
+    for size in range(max(4, ngram), ngram - 1, -1):
+        if end <= size:
+            continue
+        for start in range(end - size - 1, -1, -1):  # earlier occurrences, latest first
+            if history[start : start + size] == history[end - size :]:
+                follow = start + size
+                return [history[follow + i % (end - follow)] for i in range(limit)]
+    return []
+
+
+def expected_counters(ref, prompt, gamma, rows=None, ngram=0, lookup_tokens=8, max_tokens=FEATURE_TOKENS):
+    """SpecStats counters of a greedy run whose drafter is the target itself, scoring the ids
+    `rows(context)` (None: no drafter): it drafts the target's next token while that id has a
+    row, a wrong one from the first that has none; copied tokens are the lookup's proposals.
+    Returns (draft_tokens, lookup_tokens, accepted_tokens, target_calls, mixed rounds)."""
+    history, emitted = list(prompt), 0
+    drafts = copied_total = accepted = calls = mixed = 0
+    while emitted < max_tokens:
+        budget = max_tokens - emitted - 1
+        copied = lookup_proposals(history, ngram, min(lookup_tokens, budget)) if ngram else []
+        count = 0 if rows is None else max(0, min(gamma, budget) - len(copied))
+        future = ref[emitted:]
+        n = 0
+        while n < len(copied) and copied[n] == future[n]:
+            n += 1
+        if n == len(copied):
+            scored = rows(history) if count else ()
+            while n < len(copied) + count and future[n] in scored:
+                n += 1
+        tokens = future[: n + 1]
+        drafts += len(copied) + count
+        copied_total += len(copied)
+        accepted += n
+        calls += 1
+        mixed += bool(copied) and count > 0
+        history += tokens
+        emitted += len(tokens)
+    return drafts, copied_total, accepted, calls, mixed
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def feature_pair(request):
+    """A target, its greedy outputs on FEATURE_PROMPTS, and static kept ids for a drafter that is
+    the target itself: every id it emits except the prompts' ids and two it emits (those get
+    rows only from the context head), plus ids it never emits, in an order where index != id."""
+    arch = request.param
+    target = make_model(arch, seed=11)
+    refs = {tuple(p): reference(target, p, FEATURE_TOKENS) for p in FEATURE_PROMPTS}
+    prompt_ids = {t for p in FEATURE_PROMPTS for t in p}
+    emitted = list(dict.fromkeys(t for ref in refs.values() for t in ref))
+    new = [t for t in emitted if t not in prompt_ids]
+    filler = [i for i in range(VOCAB) if i not in emitted][:10]
+    keep = sorted(new[2:] + filler, reverse=True)
+    return arch, target, refs, keep
+
+
+def target_copy(arch, keep=None):
+    """A fresh drafter with the target's weights (the fixture's model is never modified),
+    trimmed to `keep` with its full head kept for context rows (None: untrimmed)."""
+    drafter = make_model(arch, seed=11)
+    return drafter if keep is None else trimmed_copy(drafter, keep)
+
+
+def test_trimmed_copy_of_the_target_accepts_every_draft(feature_pair):
+    """A drafter equal to the target, trimmed to a set covering every id it emits (listed in an
+    order where index != id), drafts exactly the target's tokens: every draft is accepted, so a
+    draft not mapped back through the remap, or mapped wrongly, fails here (greedy output alone
+    would not show it: verification repairs it)."""
+    arch, target, refs, _ = feature_pair
+    emitted = {t for ref in refs.values() for t in ref}
+    keep = sorted(emitted | {0, 1, 2}, reverse=True)
+    drafter = target_copy(arch, keep)
+    stats = SpecStats()
+    for prompt, ref in refs.items():
+        steps = speculative_generate_step(
+            list(prompt), target, drafter, num_draft_tokens=4, max_tokens=FEATURE_TOKENS, stats=stats,
+            context_head=False,
+        )  # fmt: skip
+        assert [t for t, _, _ in steps] == ref
+    # 40 tokens in rounds of 5: 8 rounds, 32 drafts, every one accepted
+    assert stats.draft_tokens == stats.accepted_tokens == 32 * len(refs)
+    assert stats.target_calls == 8 * len(refs)
+
+
+FEATURES = {
+    # name: (drafter kept ids? "keep" = the fixture's, "all" = untrimmed, None = no drafter; options)
+    "static": ("keep", dict(context_head=False)),
+    "ctx": ("keep", dict(context_head=True)),
+    "lookup": (None, dict(lookup_ngram=2, lookup_tokens=4)),
+    "lookup+drafter": ("all", dict(lookup_ngram=1, lookup_tokens=2)),
+    "ctx+lookup": ("keep", dict(context_head=True, lookup_ngram=2, lookup_tokens=3)),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features_are_lossless_with_exact_counters(feature_pair, feature):
+    """Greedy output equals mlx-lm's generate_step on the target, and with the target itself as
+    drafter every counter is determined: drafts are the target's tokens while they have rows
+    (static kept ids, plus with the context head the ids of the prompt and output so far),
+    copied tokens are the lookup's proposals. So a wrong remap (static or context rows), a
+    drafter KV cache not rolled back to what was emitted (after rounds mixing copied and drafted
+    tokens), or lookups proposing other tokens change the counters."""
+    arch, target, refs, keep = feature_pair
+    kind, options = FEATURES[feature]
+    drafter = None if kind is None else target_copy(arch, keep if kind == "keep" else None)
+    gamma = 4
+    static = set(keep) if kind == "keep" else set(range(VOCAB))
+    if kind is None:
+        rows = None
+    elif options.get("context_head"):
+        rows = lambda history: static | set(history)  # noqa: E731
+    else:
+        rows = lambda history: static  # noqa: E731
+    lookup = dict(ngram=options.get("lookup_ngram", 0), lookup_tokens=options.get("lookup_tokens", 8))
+    totals = np.zeros(5, int)
+    for prompt, ref in refs.items():
+        stats = SpecStats()
+        steps = speculative_generate_step(
+            list(prompt), target, drafter, num_draft_tokens=gamma, max_tokens=FEATURE_TOKENS, stats=stats, **options
+        )
+        assert [t for t, _, _ in steps] == ref, f"prompt {list(prompt)}"
+        want = expected_counters(ref, list(prompt), gamma, rows, **lookup)
+        got = (stats.draft_tokens, stats.lookup_tokens, stats.accepted_tokens, stats.target_calls)
+        assert got == want[:4], f"prompt {list(prompt)}: counters {got}, expected {want[:4]}"
+        totals += want
+    drafts, copied, accepted, calls, mixed = totals
+    assert accepted > 0 and calls < FEATURE_TOKENS * len(refs)
+    if kind == "keep":  # trimming costs drafts, and the context rows win some back
+
+        def accepted_with(scored):
+            return sum(expected_counters(r, list(p), gamma, scored, **lookup)[2] for p, r in refs.items())
+
+        assert accepted < accepted_with(lambda history: set(range(VOCAB)))
+        if options.get("context_head"):
+            assert accepted > accepted_with(lambda history: static)
+    if "lookup_ngram" in options:
+        assert copied >= 10, "lookups fired"
+        assert mixed > 0 or kind is None, "rounds mixed copied and drafted tokens"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("temp", [0.0, 1.0])
+def test_target_is_never_fed_an_id_it_cannot_embed(arch, temp):
+    """An untrimmed drafter with a padded vocabulary (more head rows than the target's embedding
+    table) drafts ids the target cannot emit. They are never accepted, and must not reach the
+    target's forward pass either: an embedding lookup past the table reads undefined memory,
+    often NaN, which poisons every row of that pass (greedy then emits 0s, sampling a biased law).
+    Here the drafter is the target plus a doubled copy of its head: it always prefers an id
+    past the target's table."""
+    target = make_model(arch, seed=11)
+    drafter = make_model(arch, seed=11, vocab=2 * VOCAB)
+    head, embed = target.lm_head.weight, target.model.embed_tokens.weight
+    drafter.load_weights(
+        [(k, v) for k, v in tree_flatten(target.parameters()) if "lm_head" not in k and "embed_tokens" not in k]
+        + [
+            ("lm_head.weight", mx.concatenate([head, 2 * head])),
+            ("model.embed_tokens.weight", mx.concatenate([embed] * 2)),
+        ]
+    )
+    prompt = [5, 17, 33, 90, 200, 11]
+    ref = reference(target, prompt, 16)
+    fed: list[int] = []
+
+    class Recording(nn.Embedding):  # the target's embedding, recording the ids it looks up
+        def __call__(self, x):
+            fed.extend(x.reshape(-1).tolist())
+            return super().__call__(x)
+
+    recording = Recording(*embed.shape)
+    recording.weight = embed
+    target.model.embed_tokens = recording
+    mx.random.seed(3)
+    out = [t for t, _, _ in speculative_generate_step(prompt, target, drafter, max_tokens=16, temp=temp)]
+    assert max(fed) < VOCAB, f"the target was fed id {max(fed)} (its embedding table has {VOCAB} rows)"
+    if temp == 0:
+        assert out == ref

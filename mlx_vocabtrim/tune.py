@@ -1,0 +1,325 @@
+"""Pick the fastest settings for a pair on this machine by replaying greedy decoding exactly.
+
+For greedy decoding, what a round accepts is known without running it: a draft is accepted
+when it equals the target's next token, and while every earlier draft of the round was
+right, the drafter's next draft is its prediction given the true context. One pass of the
+drafter over the target's own answers (teacher forcing) therefore gives, at every position,
+the draft any head would make (top-k rows, top-k plus the context's ids, or the full head)
+and its confidence; prompt lookup depends on the context alone. Replaying rounds over those
+answers gives tau for every setting; measured step times turn it into tokens/s.
+
+The replay is exact for tau and for the number of drafts when drafting a fixed length; with
+a draft threshold, the confidences of drafts made after a wrong one (whose context the
+target never saw) are approximated by the teacher-forced ones.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from .errors import VocabTrimError
+from .heads import DraftHead
+from .lookup import PromptLookup
+from .profiles import Setting
+from .speculative import _prefill, speculative_generate_step
+from .trim import head_rows, trimmed_copy
+
+GAMMAS = tuple(range(0, 9))  # drafter tokens per round (0: prompt lookup alone)
+THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LOOKUPS = ((0, 0), (1, 8), (2, 4), (2, 8), (2, 16), (3, 8), (3, 16))  # (lookup_ngram, lookup_tokens); (0, 0): off
+CONTEXT_ROWS_TIMED = 256  # context rows added when timing a context head step
+PREFILL_STEP = 512  # prompt tokens per prefill pass, as the benchmark and the server
+
+
+@dataclass
+class Trace:
+    """One tuning question: the target's greedy answer and the drafter's teacher-forced picks."""
+
+    prompt: list[int]
+    answer: list[int]  # the target's greedy tokens, EOS included when reached
+    max_tokens: int
+    full_pick: np.ndarray  # (T,) full-head argmax at each answer position
+    full_conf: np.ndarray  # (T,) its probability
+    static: dict  # k -> (pick, best logit, logsumexp) arrays over the k kept rows
+    context: dict  # k -> (ids, first position, running best value, running best id, running logsumexp)
+
+
+def _teacher_forced_logits(drafter: nn.Module, prompt: list[int], answer: list[int]) -> mx.array:
+    """(T, V) full-head logits predicting each answer token from the true context."""
+    head = DraftHead(drafter, context_head=False)
+    if not head.split:
+        raise VocabTrimError("tuning needs an mlx-lm drafter whose logits are head(body(x)): this drafter's are not")
+    cache = make_prompt_cache(drafter)
+    tokens = mx.array(prompt + answer[:-1], mx.uint32)
+    _prefill(drafter, cache, tokens[: len(prompt) - 1], PREFILL_STEP)
+    hidden = head.split.body(tokens[len(prompt) - 1 :][None], cache=cache)
+    return head.split.head(hidden)[0].astype(mx.float32)
+
+
+def trace(
+    model: nn.Module,
+    drafter: nn.Module,
+    prompt: list[int],
+    max_tokens: int,
+    eos: set[int],
+    keeps: dict[int, list[int]],
+    answer: list[int] | None = None,
+) -> Trace:
+    """Decode `prompt` greedily (losslessly, with the full drafter) unless its `answer` is given,
+    and record what every head in `keeps` (k -> kept ids) and the full head would draft at
+    each position."""
+    if answer is None:
+        answer = []
+        for token, _, _ in speculative_generate_step(prompt, model, drafter, num_draft_tokens=4,
+                                                     max_tokens=max_tokens, context_head=False):  # fmt: skip
+            answer.append(token)
+            if token in eos:
+                break
+    logits = np.array(_teacher_forced_logits(drafter, prompt, answer))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    lse_full = np.log(np.exp(shifted).sum(axis=1))
+    full_pick = logits.argmax(axis=1)
+    full_conf = np.exp(shifted[np.arange(len(answer)), full_pick] - lse_full)
+    order = {}  # ids of the context in order of first appearance: prompt ids at -1, answer ids at their index
+    for i in prompt:
+        order.setdefault(i, -1)
+    for pos, i in enumerate(answer):
+        order.setdefault(i, pos)
+    static, context = {}, {}
+    for k, keep in keeps.items():
+        kept = np.asarray(keep)
+        sub = logits[:, kept]
+        best = sub.max(axis=1)
+        lse = best + np.log(np.exp(sub - best[:, None]).sum(axis=1))
+        static[k] = (kept[sub.argmax(axis=1)], best, lse)
+        keep_set = set(keep)
+        extra = [(i, p) for i, p in order.items() if i not in keep_set and i < logits.shape[1]]
+        ids = np.asarray([i for i, _ in extra], dtype=np.int64)
+        first = np.asarray([p for _, p in extra], dtype=np.int64)
+        ext = logits[:, ids] if len(ids) else np.zeros((len(answer), 0), np.float32)
+        run_best = np.maximum.accumulate(ext, axis=1) if len(ids) else ext
+        run_id = np.zeros_like(ext, dtype=np.int64)
+        best_val = np.full(len(answer), -np.inf)
+        best_id = np.zeros(len(answer), dtype=np.int64)
+        for j in range(len(ids)):
+            better = ext[:, j] > best_val
+            best_val = np.where(better, ext[:, j], best_val)
+            best_id = np.where(better, ids[j], best_id)
+            run_id[:, j] = best_id
+        run_lse = np.logaddexp.accumulate(ext, axis=1) if len(ids) else ext
+        context[k] = (ids, first, run_best, run_id, run_lse)
+    return Trace(prompt, answer, max_tokens, full_pick, full_conf, static, context)
+
+
+def _pick(tr: Trace, setting: Setting, pos: int, start: int) -> tuple[int, float]:
+    """The draft a head makes at answer position `pos` in a round starting at `start`, and its probability."""
+    if setting.k is None:
+        return int(tr.full_pick[pos]), float(tr.full_conf[pos])
+    pick, best, lse = tr.static[setting.k]
+    top, chosen, total = best[pos], int(pick[pos]), lse[pos]
+    if setting.context_head:
+        ids, first, run_best, run_id, run_lse = tr.context[setting.k]
+        m = int(np.searchsorted(first, start, side="left"))  # context ids known at the round's start
+        if m:
+            if run_best[pos, m - 1] > top:
+                top, chosen = run_best[pos, m - 1], int(run_id[pos, m - 1])
+            total = np.logaddexp(total, run_lse[pos, m - 1])
+    return chosen, float(np.exp(top - total))
+
+
+def _lookups(tr: Trace, ngram: int, longest: int) -> list[list[int]]:
+    """Prompt lookup's proposal (up to `longest` tokens) at every round start position."""
+    index = PromptLookup(ngram)
+    index.extend(tr.prompt)
+    proposals = []
+    for token in tr.answer:
+        proposals.append(index.propose(longest))
+        index.extend([token])
+    return proposals
+
+
+@dataclass
+class Costs:
+    """Measured seconds: a target pass over n tokens, a drafter step per head, a drafter pass over n tokens."""
+
+    verify: dict[int, float]
+    draft: dict[tuple[int | None, bool], float]  # (k, context head) -> seconds of one step
+    feed: dict[int, float]  # n tokens fed to the drafter at once -> extra seconds over one
+
+    def t_verify(self, n: int) -> float:
+        return float(np.interp(n, sorted(self.verify), [self.verify[x] for x in sorted(self.verify)]))
+
+    def t_feed(self, n: int) -> float:
+        return float(np.interp(n, sorted(self.feed), [self.feed[x] for x in sorted(self.feed)]))
+
+
+def replay(tr: Trace, setting: Setting, costs: Costs, lookups: dict[int, list[list[int]]]) -> tuple:
+    """(tokens, target calls, drafter steps, seconds) of decoding `tr`'s answer with `setting`."""
+    answer, total = tr.answer, len(tr.answer)
+    start = calls = steps = 0
+    seconds = 0.0
+    pending = 1
+    t_step = costs.draft[(setting.k, setting.context_head and setting.k is not None)]
+    while start < total:
+        budget = tr.max_tokens - start - 1
+        proposal = lookups[setting.lookup_ngram][start] if setting.lookup_ngram else []
+        copied = proposal[: min(setting.lookup_tokens, budget)]
+        accepted = 0
+        while accepted < len(copied) and start + accepted < total and copied[accepted] == answer[start + accepted]:
+            accepted += 1
+        alive = accepted == len(copied)
+        count = max(0, min(setting.num_draft_tokens, budget) - len(copied))
+        made, confidence = 0, 1.0
+        for j in range(count):
+            pos = start + len(copied) + j
+            made += 1
+            pick, prob = _pick(tr, setting, pos, start) if pos < total else (-1, 0.5)
+            confidence *= prob
+            if alive and pos < total and pick == answer[pos]:
+                accepted += 1
+            else:
+                alive = False
+            if confidence < setting.draft_threshold:
+                break
+        emitted = min(accepted + 1, total - start)
+        seconds += made * t_step + costs.t_verify(len(copied) + made + 1)
+        if made:
+            seconds += costs.t_feed(pending + len(copied))
+            fed = pending + len(copied) + made - 1
+            pending = pending + emitted - min(fed, pending + accepted)
+        else:
+            pending += emitted
+        calls += 1
+        steps += made
+        start += emitted
+    return total, calls, steps, seconds
+
+
+def settings_grid(ks: Sequence[int]) -> list[Setting]:
+    """Every setting tuning weighs: heads (full, top-k, top-k plus context rows), draft lengths,
+    thresholds and prompt lookup."""
+    heads = [(None, False)] + [(k, ctx) for k in ks for ctx in (False, True)]
+    grid = []
+    for k, ctx in heads:
+        for gamma in GAMMAS if k is None else GAMMAS[1:]:  # lookup alone uses no head: weighed once
+            for threshold in THRESHOLDS if gamma > 1 else (0.0,):
+                for ngram, cap in LOOKUPS:
+                    if gamma == 0 and not ngram:
+                        continue
+                    grid.append(Setting(k, gamma, threshold, ctx, ngram, cap or 8))
+    return grid
+
+
+def predict(traces: list[Trace], setting: Setting, costs: Costs, lookups: list[dict]) -> dict:
+    """Expected tau, drafter steps per call and tokens/s of `setting` over the traces."""
+    tokens = calls = steps = 0
+    seconds = 0.0
+    for tr, lk in zip(traces, lookups, strict=True):
+        t, c, s, sec = replay(tr, setting, costs, lk)
+        tokens, calls, steps, seconds = tokens + t, calls + c, steps + s, seconds + sec
+    return {"expected_tau": tokens / calls, "drafter_steps_per_call": steps / calls,
+            "predicted_tokens_per_s": tokens / seconds}  # fmt: skip
+
+
+def _timed(fn: Callable[[], mx.array], repeats: int = 5) -> float:
+    """The fastest of `repeats` timed calls after a warm one: the least disturbed by other work."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        mx.synchronize()
+        tic = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def measure_costs(
+    model: nn.Module, drafters: dict[int | None, nn.Module], context: list[int], max_verify: int
+) -> Costs:
+    """Time a target pass over 1..max_verify tokens, one drafter step per head and the drafter
+    over several fed tokens, each after `context` (caches rolled back between repeats)."""
+
+    def step(run: Callable[[list], mx.array], cache: list, n: int) -> Callable[[], mx.array]:
+        def call() -> mx.array:
+            out = run(cache)
+            mx.eval(out)
+            trim_prompt_cache(cache, n)
+            return out
+
+        return call
+
+    cache = make_prompt_cache(model)
+    _prefill(model, cache, mx.array(context, mx.uint32), PREFILL_STEP)
+    points = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 25) if n <= max_verify} | {max_verify})
+    verify, slowest = {}, 0.0
+    for n in points:  # a pass over more tokens never costs less: noise is evened out upwards
+        tokens = mx.array((context * n)[:n], mx.uint32)[None]
+        slowest = verify[n] = max(slowest, _timed(step(lambda c, t=tokens: model(t, cache=c), cache, n)))
+    draft, feed = {}, {}
+    for k, drafter in drafters.items():
+        cache = make_prompt_cache(drafter)
+        _prefill(drafter, cache, mx.array(context, mx.uint32), PREFILL_STEP)
+        for ctx in (False, True) if k is not None else (False,):
+            head = DraftHead(drafter, context_head=ctx)
+            if ctx:
+                rows = head.full.weight.shape[0]
+                head.add([i for i in range(rows) if i not in head.kept][:CONTEXT_ROWS_TIMED])
+            token = mx.array(context[-1:], mx.uint32)
+            draft[(k, ctx)] = _timed(step(lambda c, h=head, t=token: h(t, c), cache, 1))
+        if k is None:
+            head = DraftHead(drafter, context_head=False)
+            for n in (1, 4, 16):
+                tokens = mx.array((context * n)[:n], mx.uint32)
+                feed[n] = _timed(step(lambda c, h=head, t=tokens: h(t, c), cache, n))
+    base = feed.get(1, 0.0)
+    return Costs(verify, draft, {n: max(t - base, 0.0) for n, t in feed.items()})
+
+
+def tune(
+    model: nn.Module,
+    drafter: nn.Module,
+    prompts: list[list[int]],
+    max_tokens: int,
+    eos: set[int],
+    keeps: dict[int, list[int]],
+    progress: Callable[[], None] = lambda: None,
+) -> dict:
+    """Trace `prompts`, time the steps and predict every setting; returns the best setting, the
+    best fixed-length full-head setting (mlx-lm's speculative decoding at its best draft
+    length) and the whole prediction table."""
+    traces = []
+    for prompt in prompts:
+        traces.append(trace(model, drafter, prompt, max_tokens, eos, keeps))
+        progress()
+    longest = max(cap for _, cap in LOOKUPS)
+    lookups = [{n: _lookups(tr, n, longest) for n, _ in LOOKUPS if n} for tr in traces]
+    drafters = {None: drafter} | {k: trimmed_copy(drafter, keep) for k, keep in keeps.items()}
+    costs = measure_costs(model, drafters, prompts[0], max(GAMMAS) + longest + 1)
+    table = []
+    for setting in settings_grid(list(keeps)):
+        table.append(asdict(setting) | predict(traces, setting, costs, lookups))
+    best = max(table, key=lambda row: row["predicted_tokens_per_s"])
+    with_both = [row for row in table if row["context_head"] and row["lookup_ngram"]]
+    baseline = [row for row in table if row["k"] is None and not row["lookup_ngram"] and not row["draft_threshold"]
+                and row["num_draft_tokens"] >= 1]  # fmt: skip
+    best_baseline = max(baseline, key=lambda row: row["predicted_tokens_per_s"])
+    top = sorted(table, key=lambda row: -row["predicted_tokens_per_s"])[:40]
+    return {
+        "choice": best,
+        "best_with_context_and_lookup": max(with_both, key=lambda row: row["predicted_tokens_per_s"], default=None),
+        "mlx_lm_spec": {row["num_draft_tokens"]: row for row in baseline},
+        "mlx_lm_spec_best": best_baseline["num_draft_tokens"],
+        "top": top,
+        "settings_weighed": len(table),
+        "t_verify": costs.verify,
+        "t_draft": {f"{'full' if k is None else k}{'+ctx' if ctx else ''}": v for (k, ctx), v in costs.draft.items()},
+        "t_feed": costs.feed,
+        "answers": [len(tr.answer) for tr in traces],
+        "full_rows": head_rows(drafter),
+    }
