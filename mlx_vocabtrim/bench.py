@@ -1,10 +1,12 @@
-"""Spec-Bench harness: plain target, mlx-lm's speculative decoding, our full and trimmed
-drafters, on the same prompts interleaved prompt by prompt; tau, acceptance, MBSU,
-tokens/s, speed-ups, k sweep and auto-tuning of (k, num-draft-tokens)."""
+"""Spec-Bench harness: the target alone, mlx-lm's speculative decoding (at its default and at its
+best draft length) and our generator's settings, on the same prompts, each repeated in a
+seeded random order; counts observed where they happen, speed-ups with bootstrap intervals."""
 
 import json
 import os
 import platform
+import random
+import sys
 import time
 import zlib
 from collections import defaultdict
@@ -15,77 +17,53 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_step
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from .blas import blas_library
 from .errors import VocabTrimError
+from .files import write_text_whole
+from .profiles import Setting
 from .speculative import SpecStats, speculative_generate_step
+from .trim import head_bytes, head_rows
+from .tune import PREFILL_STEP
+
+BOOTSTRAP = 2000
 
 
 @dataclass
 class Method:
-    """One way of decoding: a name, the drafter it uses (None: target alone) and its draft length."""
+    """One way of decoding: the target alone, mlx-lm's speculative loop or ours with a setting."""
 
     name: str
     kind: str  # "target", "mlx-lm-spec" or "ours"
     drafter: nn.Module | None = None
-    gamma: int = 0
-    k: int | None = None
-    threshold: float = 0.0  # draft_threshold: 0 drafts gamma tokens every round
+    setting: Setting | None = None
 
 
 @dataclass
 class Run:
-    """One method on one prompt."""
+    """One method on one prompt, once. Counts come from the passes observed in the KV caches."""
 
     method: str
     category: str
     question_id: Any
+    repeat: int
     prompt_tokens: int
-    new_tokens: int
-    seconds: float
+    emitted: int  # tokens emitted, a stopping EOS included
+    seconds: float  # the whole call, prefill included
+    decode_tokens: int  # tokens emitted after the first round
+    decode_seconds: float  # time after the first round
     target_calls: int
-    drafted: int
-    accepted: int
-    tokens: list
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
+    drafted: int  # drafts the target verified, up to the stop
+    accepted: int  # emitted tokens that were drafts
+    drafter_steps: int
+    context_rows: int = 0
+    tokens: list = field(default_factory=list)  # emitted tokens, EOS excluded (checked against the target)
     from_draft: list = field(default_factory=list)
-
-
-def read_questions(path: str | Path, per_category: int | None) -> list[dict]:
-    """The first `per_category` questions of each Spec-Bench category (first turn only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VocabTrimError(f"questions file {path} does not exist: pass --questions spec_bench/question.jsonl")
-    seen: dict[str, int] = defaultdict(int)
-    questions = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            category, turns = item.get("category", "all"), item["turns"]
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise VocabTrimError(f"{path} line {n} is not a Spec-Bench question ({e}): give Spec-Bench JSONL") from e
-        if per_category is None or seen[category] < per_category:
-            seen[category] += 1
-            questions.append({"category": category, "question_id": item.get("question_id", n), "prompt": turns[0]})
-    if not questions:
-        raise VocabTrimError(f"{path} holds no questions")
-    return questions
-
-
-def tuning_questions(path: str | Path, chosen: list[dict], n: int) -> tuple[list[dict], list[dict]]:
-    """n questions for --auto spread over the file, outside the benchmarked ones when the
-    file has enough; else taken from them. Returns (tuning, benchmarked)."""
-    ids = {q["question_id"] for q in chosen}
-    rest = [q for q in read_questions(path, None) if q["question_id"] not in ids]
-    pool = rest if len(rest) >= n else chosen
-    tuning = pool[:: max(len(pool) // max(n, 1), 1)][:n]
-    return tuning, [q for q in chosen if q not in tuning]
 
 
 def step_bytes(model: nn.Module) -> int:
@@ -98,19 +76,6 @@ def step_bytes(model: nn.Module) -> int:
         if tied or not name.startswith("model.embed_tokens.")
         if name != "vocab_remap"
     )
-
-
-def blas_library() -> str:
-    """The BLAS MLX's CPU matmuls go through: an LD_PRELOADed library wins over the wheel's own."""
-    preloaded = [Path(p).name for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "blas" in p]
-    if preloaded:
-        return f"{', '.join(preloaded)} (LD_PRELOAD)"
-    maps = Path("/proc/self/maps")
-    if maps.exists():
-        libs = {Path(line.split()[-1]).name for line in maps.read_text().splitlines() if "blas" in line.lower()}
-        libs = {lib for lib in libs if "scipy_openblas" not in lib}  # numpy's own copy, unused by MLX
-        return f"{', '.join(sorted(libs))} (the mlx wheel's reference BLAS)" if libs else "none found"
-    return "Accelerate" if platform.system() == "Darwin" else "unknown"
 
 
 def cpu_name() -> str:
@@ -127,22 +92,70 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(model: nn.Module) -> dict:
-    """What the numbers depend on: MLX version and device, weight dtype, BLAS, CPU, cores."""
-    dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())})
-    return {
+def environment(model: nn.Module | None = None) -> dict:
+    """What the numbers depend on: versions, device, BLAS, CPU, cores and (given the model) its weight dtype."""
+    from importlib.metadata import version
+
+    env = {
         "mlx": mx.__version__,
+        "mlx_lm": version("mlx-lm"),
+        "mlx_vocabtrim": version("mlx-vocabtrim"),
         "device": str(mx.default_device()),
-        "dtype": ",".join(dtypes),
         "blas": blas_library(),
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
     }
+    if model is not None:
+        dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())}
+        env["dtype"] = ",".join(sorted(dtypes))
+    return env
+
+
+class CountingCache(KVCache):
+    """mlx-lm's KVCache that logs every forward pass through it: (offset before, tokens fed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes: list[tuple[int, int]] = []
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.passes.append((self.offset, keys.shape[2]))
+        return super().update_and_fetch(keys, values)
+
+
+def counting_cache(model: nn.Module) -> list:
+    """A fresh prompt cache for `model` whose first layer logs its passes."""
+    cache = make_prompt_cache(model)
+    if type(cache[0]) is not KVCache:
+        raise VocabTrimError(f"bench counts passes through mlx-lm's KVCache: this model uses {type(cache[0]).__name__}")
+    cache[0] = CountingCache()
+    return cache
+
+
+def count_passes(target: list[tuple[int, int]], drafter: list[tuple[int, int]], prompt: int, emitted: int):
+    """(target calls, drafts verified, drafter steps) of one run, from the passes logged.
+
+    Positions are 0-based; the prompt holds [0, prompt) and the last emitted token sits at
+    `last`. Prefill passes end before the last prompt token. A target pass over n tokens
+    from offset o verifies n - 1 drafts for positions o+1 .. o+n-1 and counts only if it
+    decides a token that was emitted (o < last), its drafts only up to `last`: the same stop
+    for every method, whether it was EOS or max tokens, and passes queued ahead are ignored.
+    A drafter pass proposes position o + n.
+    """
+    last = prompt + emitted - 1
+    calls = drafted = 0
+    for offset, n in target:
+        if offset + n > prompt - 1 and offset < last:
+            calls += 1
+            drafted += min(max(last - offset, 0), n - 1)
+    steps = sum(1 for offset, n in drafter if prompt - 1 < offset + n <= last)
+    return calls, drafted, steps
 
 
 def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], list[bool], int, float]:
-    """Tokens, their from-draft flags, and how many tokens / what time the first round ended at.
+    """Emitted tokens (EOS included when reached), their from-draft flags, and how many tokens /
+    what time the first round ended at.
 
     A round ends with the token the target itself chose (from_draft False), so the time
     after the first such token covers whole rounds only: prefill and the first round's
@@ -150,218 +163,75 @@ def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], lis
     """
     tokens, from_draft, first_round, first_time = [], [], 0, 0.0
     for item in tokens_iter:
-        token = int(item[0])
-        if token in eos:
-            break
-        tokens.append(token)
+        tokens.append(int(item[0]))
         from_draft.append(bool(item[2]) if len(item) > 2 else False)
         if not first_round and not from_draft[-1]:
+            mx.synchronize()
             first_round, first_time = len(tokens), time.perf_counter()
-        if len(tokens) == max_tokens:
+        if tokens[-1] in eos or len(tokens) == max_tokens:
             break
     return tokens, from_draft, first_round, first_time
 
 
-def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, eos: set[int],
-               stats: SpecStats | None = None) -> Run:  # fmt: skip
-    """Decode `prompt` with `method`, timing the whole generation (prefill included) and,
-    apart, the decoding after the first round (mlx-lm's "generation tokens-per-sec").
-    `stats` collects our generator's counters (and drafter confidences, when a list)."""
+def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, top_p: float,
+               eos: set[int]) -> Run:  # fmt: skip
+    """Decode `prompt` with `method`, timing the whole call (prefill included) and, apart, the
+    decoding after the first round; counts come from the passes logged in the KV caches."""
     from mlx_lm.sample_utils import make_sampler
 
     ids = mx.array(prompt, mx.uint32)
-    stats = SpecStats() if stats is None else stats
+    target_cache = counting_cache(model)
+    draft_cache = counting_cache(method.drafter) if method.drafter is not None else []
+    stats = SpecStats()
+    mx.synchronize()
     tic = time.perf_counter()
     if method.kind == "target":
-        gen = generate_step(ids, model, max_tokens=max_tokens, sampler=make_sampler(temp))
+        gen = generate_step(ids, model, max_tokens=max_tokens, sampler=make_sampler(temp, top_p),
+                            prompt_cache=target_cache, prefill_step_size=PREFILL_STEP)  # fmt: skip
     elif method.kind == "mlx-lm-spec":
-        gen = mlx_lm_speculative_step(ids, model, method.drafter, num_draft_tokens=method.gamma,
-                                      max_tokens=max_tokens, sampler=make_sampler(temp))  # fmt: skip
+        gen = mlx_lm_speculative_step(ids, model, method.drafter, num_draft_tokens=method.setting.num_draft_tokens,
+                                      max_tokens=max_tokens, sampler=make_sampler(temp, top_p),
+                                      prompt_cache=target_cache + draft_cache,
+                                      prefill_step_size=PREFILL_STEP)  # fmt: skip
     else:
-        gen = speculative_generate_step(ids, model, method.drafter, num_draft_tokens=method.gamma,
-                                        max_tokens=max_tokens, temp=temp, stats=stats,
-                                        draft_threshold=method.threshold)  # fmt: skip
+        gen = speculative_generate_step(ids, model, method.drafter, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                                        stats=stats, prompt_cache=target_cache + draft_cache,
+                                        prefill_step_size=PREFILL_STEP,
+                                        **method.setting.generation_kwargs())  # fmt: skip
     tokens, from_draft, first_round, first_time = _decode(gen, max_tokens, eos)
     gen.close()
+    mx.synchronize()
     end = time.perf_counter()
-    seconds = end - tic
+    calls, drafted, steps = count_passes(target_cache[0].passes, draft_cache[0].passes if draft_cache else [],
+                                         len(prompt), len(tokens))  # fmt: skip
     decode_tokens = len(tokens) - first_round if first_round else 0
-    decode_seconds = end - first_time if decode_tokens else 0.0
-    if method.kind == "target":
-        calls, drafted, accepted = len(tokens), 0, 0
-    elif method.kind == "mlx-lm-spec":
-        accepted = sum(from_draft)
-        calls = len(tokens) - accepted
-        drafted = calls * method.gamma
-    else:
-        calls, drafted, accepted = stats.target_calls, stats.draft_tokens, stats.accepted_tokens
-    return Run(method.name, "", None, len(prompt), len(tokens), seconds, max(calls, 1), drafted, accepted, tokens,
-               decode_tokens, decode_seconds, from_draft)  # fmt: skip
-
-
-def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float]) -> dict[str, dict]:
-    """Per method: tokens/s, tau, acceptance, draft length, MBSU and speed-ups."""
-    out = {}
-    for m in methods:
-        rs = [r for r in runs if r.method == m.name]
-        tokens, seconds = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
-        decode_tokens, decode_seconds = sum(r.decode_tokens for r in rs), sum(r.decode_seconds for r in rs)
-        calls, drafted, accepted = (sum(getattr(r, f) for r in rs) for f in ("target_calls", "drafted", "accepted"))
-        tau = tokens / calls if calls else 0.0
-        gamma = drafted / calls if calls else 0.0
-        out[m.name] = {
-            "k": m.k,
-            "num_draft_tokens": m.gamma,
-            "draft_threshold": m.threshold,
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
-            "tau": tau,
-            "acceptance": accepted / drafted if drafted else 0.0,
-            "drafts_per_call": gamma,
-            "c": c_of.get(m.name, 0.0),
-            "mbsu": tau / (c_of.get(m.name, 0.0) * gamma + 1),
-        }
-    anchor = next((k for k in out if k.startswith("mlx-lm-spec")), None)
-    for rate, prefix in (("decode_tokens_per_s", ""), ("tokens_per_s", "e2e_")):
-        base = out["target"][rate] if "target" in out else None
-        spec = out[anchor][rate] if anchor else None
-        for v in out.values():
-            v[f"{prefix}speedup_vs_target"] = v[rate] / base if base else None
-            v[f"{prefix}speedup_vs_mlx_lm_spec"] = v[rate] / spec if spec else None
-    return out
-
-
-def by_category(runs: list[Run], methods: list[Method], c_of: dict[str, float]) -> dict[str, dict]:
-    return {
-        cat: summarize([r for r in runs if r.category == cat], methods, c_of)
-        for cat in sorted({r.category for r in runs})
-    }
-
-
-def check_lossless(runs: list[Run]) -> None:
-    """Greedy: every method must emit exactly the target's tokens; fail loudly otherwise."""
-    reference = {r.question_id: r.tokens for r in runs if r.method == "target"}
-    for r in runs:
-        ref = reference.get(r.question_id)
-        if ref is not None and r.tokens != ref:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(r.tokens, ref, strict=False)) if a != b), min(len(r.tokens), len(ref))
-            )
-            raise VocabTrimError(
-                f"greedy output of {r.method} differs from the target on question {r.question_id} at token {at}: "
-                "this is a bug, please report it"
-            )
-
-
-def measure_step(model: nn.Module, context: list[int], n: int, repeats: int = 3) -> float:
-    """Median seconds of one forward pass over n new tokens after `context` (cache rolled back)."""
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array(context)[None], cache=cache))
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        mx.eval(model(mx.array(context[:n])[None], cache=cache))
-        times.append(time.perf_counter() - tic)
-        trim_prompt_cache(cache, n)
-    return sorted(times)[len(times) // 2]
-
-
-def accepted_runs(tokens: list[int], from_draft: list[bool]) -> list[list[int]]:
-    """The accepted drafts of every finished round: each round ends with the target's own token."""
-    rounds, current = [], []
-    for token, drafted in zip(tokens, from_draft, strict=True):
-        if drafted:
-            current.append(token)
-        else:
-            rounds.append(current)
-            current = []
-    return rounds
-
-
-def accepted_prefix(accepted: list[int], kept: set[int] | None) -> int:
-    """Drafts a head keeping `kept` (None: all) accepts of a round the full head drafted.
-
-    A greedy draft is accepted when it equals the target's token. The trimmed argmax equals
-    the full one whenever that id is kept, so a trimmed drafter accepts the same prefix
-    up to the first accepted id it lacks (where it surely fails: the target's token is
-    not in its head).
-    """
-    return next((i for i, t in enumerate(accepted) if kept is not None and t not in kept), len(accepted))
-
-
-def draft_length(confidence: list[float], gamma: int, threshold: float) -> int:
-    """Drafts a round makes: gamma, or fewer where the running product of the drafter's
-    probabilities first falls below `threshold` (that draft still counts)."""
-    return next((i + 1 for i, c in enumerate(confidence[:gamma]) if c < threshold), min(gamma, len(confidence)))
-
-
-def predict(rounds: list[tuple[list[int], list[float]]], kept: set[int] | None, gamma: int, threshold: float,
-            t_draft: float, t_verify: dict[int, float]) -> tuple[float, float]:  # fmt: skip
-    """(tau, tokens/s) of drafting with at most gamma tokens and `threshold`, from rounds
-    (accepted drafts, running confidences) greedily drafted longer with the full head.
-
-    A round of n drafts yields 1 + min(accepted prefix, n) tokens and costs n drafter
-    steps plus one target pass over n + 1 tokens. The confidences are the full head's;
-    a trimmed head's, renormalised over fewer ids, are a little higher.
-    """
-    if not rounds:
-        return 1.0, 1.0 / t_verify[1]
-    tokens, seconds = 0, 0.0
-    for accepted, confidence in rounds:
-        n = draft_length(confidence, gamma, threshold)
-        tokens += 1 + min(accepted_prefix(accepted, kept), n)
-        seconds += n * t_draft + t_verify[n + 1]
-    return tokens / len(rounds), tokens / seconds
-
-
-GAMMAS = tuple(range(1, 9))  # draft lengths --auto weighs; its probe drafts the longest
-THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6)  # draft thresholds --auto weighs
-
-
-def auto_tune(model: nn.Module, drafters: dict[int, nn.Module], rounds: list[tuple[list[int], list[float]]],
-              gammas: list[int], context: list[int]) -> dict:  # fmt: skip
-    """Pick (k, num_draft_tokens, draft_threshold) maximizing predicted tokens/s.
-
-    `rounds` are the (accepted drafts, drafter confidences) of full-head greedy runs at
-    max(gammas); tau for every choice follows from them (`predict`), step times are
-    measured after `context`: the target over 1..max(gammas)+1 tokens, each drafter over one token.
-    """
-    t_verify = {n: measure_step(model, context, n) for n in range(1, max(gammas) + 2)}
-    t_draft = {k: measure_step(d, context, 1) for k, d in drafters.items()}
-    remaps = {k: getattr(d, "vocab_remap", None) for k, d in drafters.items()}
-    kept = {k: None if r is None else set(r.tolist()) for k, r in remaps.items()}
-    table = []
-    for k in drafters:
-        for g in gammas:
-            for threshold in THRESHOLDS:
-                tau, speed = predict(rounds, kept[k], g, threshold, t_draft[k], t_verify)
-                table.append({"k": k, "num_draft_tokens": g, "draft_threshold": threshold, "expected_tau": tau,
-                              "predicted_tokens_per_s": speed})  # fmt: skip
-    best = max(table, key=lambda row: row["predicted_tokens_per_s"])
-    return {"choice": best, "table": table, "t_verify": t_verify, "t_draft": {str(k): v for k, v in t_draft.items()},
-            "rounds": len(rounds)}  # fmt: skip
+    kept = tokens[:-1] if tokens and tokens[-1] in eos else tokens
+    return Run(method.name, "", None, 0, len(prompt), len(tokens), end - tic, decode_tokens,
+               end - first_time if decode_tokens else 0.0, calls, drafted, sum(from_draft), steps,
+               stats.context_rows, kept, from_draft)  # fmt: skip
 
 
 def interleave(questions: list[dict], methods: list[Method], model: nn.Module, encode: Callable[[str], list[int]],
-               max_tokens: int, temp: float, eos: set[int], advance: Callable[[], None],
-               done: dict[tuple, Run] | None = None,
+               max_tokens: int, temp: float, top_p: float, eos: set[int], repeats: int, seed: int,
+               advance: Callable[[], None], done: dict[tuple, Run] | None = None,
                record: Callable[[Run], None] | None = None) -> list[Run]:  # fmt: skip
-    """Every method on each prompt in turn, so drift of the machine hits all methods alike.
+    """Every method `repeats` times on each prompt in turn, in an order shuffled per prompt
+    (seeded), so drift of the machine hits all methods alike.
 
-    Runs found in `done` (by question id and method) are reused, new ones go to `record`.
+    Runs found in `done` (by question id, method and repeat) are reused, new ones go to `record`.
     """
     runs = []
     for q in questions:
         prompt = encode(q["prompt"])
-        for m in methods:
-            run = (done or {}).get((q["question_id"], m.name))
+        order = [(m, r) for m in methods for r in range(repeats)]
+        random.Random(f"{seed}:{q['question_id']}").shuffle(order)
+        for m, r in order:
+            run = (done or {}).get((q["question_id"], m.name, r))
             if run is None:
                 if temp > 0:
-                    mx.random.seed(zlib.crc32(str(q["question_id"]).encode()))
-                run = run_method(m, model, prompt, max_tokens, temp, eos)
-                run.category, run.question_id = q["category"], q["question_id"]
+                    mx.random.seed(zlib.crc32(f"{seed}:{q['question_id']}:{r}".encode()))
+                run = run_method(m, model, prompt, max_tokens, temp, top_p, eos)
+                run.category, run.question_id, run.repeat = q["category"], q["question_id"], r
                 if record is not None:
                     record(run)
             runs.append(run)
@@ -369,39 +239,134 @@ def interleave(questions: list[dict], methods: list[Method], model: nn.Module, e
     return runs
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _per_question(runs: list[Run], method: str, rate: str) -> dict[Any, tuple[float, float]]:
+    """Per question: (tokens, seconds), each the median over the repeats."""
+    groups: dict[Any, list[Run]] = defaultdict(list)
+    for r in runs:
+        if r.method == method:
+            groups[r.question_id].append(r)
+    pick = {"decode": ("decode_tokens", "decode_seconds"), "e2e": ("emitted", "seconds")}[rate]
+    tokens, seconds = pick
+    return {q: (float(np.median([getattr(r, tokens) for r in rs])), float(np.median([getattr(r, seconds) for r in rs])))
+            for q, rs in groups.items()}  # fmt: skip
+
+
+def ratio_interval(runs: list[Run], method: str, base: str, rate: str, seed: int = 0) -> dict:
+    """Speed-up of `method` over `base` (tokens/s of each over the same questions, medians over
+    repeats) and a 95% bootstrap interval over questions."""
+    ours, theirs = _per_question(runs, method, rate), _per_question(runs, base, rate)
+    questions = sorted(set(ours) & set(theirs), key=str)
+    if not questions:
+        return {"ratio": None, "low": None, "high": None}
+    a = np.array([ours[q] for q in questions])
+    b = np.array([theirs[q] for q in questions])
+
+    def ratio(index: np.ndarray) -> np.ndarray:
+        tokens_a, seconds_a = a[index, 0].sum(-1), a[index, 1].sum(-1)
+        tokens_b, seconds_b = b[index, 0].sum(-1), b[index, 1].sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (tokens_a / seconds_a) / (tokens_b / seconds_b)
+
+    point = float(ratio(np.arange(len(questions))[None])[0])
+    samples = ratio(np.random.default_rng(seed).integers(0, len(questions), (BOOTSTRAP, len(questions))))
+    low, high = np.nanpercentile(samples, [2.5, 97.5])
+    return {"ratio": point, "low": float(low), "high": float(high)}
+
+
+def decode_rate(runs: list[Run], method: str) -> float:
+    """Decode tokens/s of a method over all questions (medians over repeats)."""
+    per_q = _per_question(runs, method, "decode")
+    seconds = sum(s for _, s in per_q.values())
+    return sum(t for t, _ in per_q.values()) / seconds if seconds else 0.0
+
+
+def fastest(names: list[str], runs: list[Run]) -> str:
+    """The baseline: of mlx-lm's default and its tuned draft length, the one measured faster."""
+    return max(names, key=lambda name: decode_rate(runs, name))
+
+
+def summarize(runs: list[Run], methods: list[Method], c_of: dict[str, float], baseline: str) -> dict[str, dict]:
+    """Per method: counts, tau, acceptance, drafter steps and MBSU, tokens/s and speed-ups."""
+    out = {}
+    for m in methods:
+        rs = [r for r in runs if r.method == m.name]
+        fields = ("emitted", "target_calls", "drafted", "accepted", "drafter_steps")
+        emitted, calls, drafted, accepted, steps = (sum(getattr(r, f) for r in rs) for f in fields)
+        tau = emitted / calls if calls else 0.0
+        steps_per_call = steps / calls if calls else 0.0
+        rates = {rate: _per_question(runs, m.name, rate) for rate in ("decode", "e2e")}
+        out[m.name] = {
+            "setting": asdict(m.setting) if m.setting else None,
+            "runs": len(rs),
+            "emitted": emitted,
+            "target_calls": calls,
+            "drafted": drafted,
+            "accepted": accepted,
+            "drafter_steps": steps,
+            "tau": tau,
+            "acceptance": accepted / drafted if drafted else 0.0,
+            "drafts_per_call": drafted / calls if calls else 0.0,
+            "drafter_steps_per_call": steps_per_call,
+            "context_rows": float(np.mean([r.context_rows for r in rs])) if rs else 0.0,
+            "c": c_of.get(m.name, 0.0),
+            "mbsu": tau / (c_of.get(m.name, 0.0) * steps_per_call + 1),
+        }
+        for rate, per_q in rates.items():
+            seconds = sum(s for _, s in per_q.values())
+            out[m.name][f"{rate}_tokens_per_s"] = sum(t for t, _ in per_q.values()) / seconds if seconds else 0.0
+            out[m.name][f"{rate}_vs_target"] = ratio_interval(runs, m.name, "target", rate)
+            out[m.name][f"{rate}_vs_baseline"] = ratio_interval(runs, m.name, baseline, rate)
+    return out
+
+
+def by_category(runs: list[Run], methods: list[Method], c_of: dict[str, float], baseline: str) -> dict[str, dict]:
+    return {
+        cat: summarize([r for r in runs if r.category == cat], methods, c_of, baseline)
+        for cat in sorted({r.category for r in runs})
+    }
+
+
+def check_lossless(runs: list[Run]) -> str | None:
+    """Greedy: every run must emit exactly the target's tokens; the first difference, described, or None."""
+    reference = {r.question_id: r.tokens for r in runs if r.method == "target"}
+    for r in runs:
+        ref = reference.get(r.question_id)
+        if ref is not None and r.tokens != ref:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(r.tokens, ref, strict=False)) if a != b), min(len(r.tokens), len(ref))
+            )
+            return (f"greedy output of {r.method} (repeat {r.repeat}) differs from the target on question "
+                    f"{r.question_id} at token {at}: this is a bug, please report it")  # fmt: skip
+    return None
 
 
 def resume_log(out: Path, config: dict) -> tuple[list[dict], Callable[[dict], None]]:
-    """Entries an interrupted bench with the same `config` left in OUT/bench.partial.jsonl, and
-    a function appending one entry durably (a line torn by a kill is dropped on resume)."""
+    """Entries an interrupted bench with the same `config` left in OUT/bench.partial.jsonl (another
+    config is an error), and a function appending one entry durably (a line torn by a kill is
+    dropped on resume)."""
     path = out / "bench.partial.jsonl"
     entries: list[dict] = []
     if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         parsed = []
         for line in lines:
             try:
                 parsed.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-        if not parsed or parsed[0].get("config") != config:
+        if not parsed or not isinstance(parsed[0], dict) or parsed[0].get("config") != config:
             raise VocabTrimError(
                 f"{path} holds an unfinished bench with other settings (or is damaged): rerun with those, "
                 "pass another --out, or delete the file to start over"
             )
         entries = parsed[1:]
         if len(parsed) < len(lines):
-            _write_whole(path, "".join(json.dumps(e) + "\n" for e in parsed))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_whole(path, json.dumps({"config": config}) + "\n")
+            write_text_whole(path, "".join(json.dumps(e) + "\n" for e in parsed))
 
     def append(entry: dict) -> None:
+        if not path.exists():  # started on the first finished entry: a run that fails earlier leaves nothing
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_whole(path, json.dumps({"config": config}) + "\n")
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry, default=str) + "\n")
             f.flush()
@@ -410,43 +375,48 @@ def resume_log(out: Path, config: dict) -> tuple[list[dict], Callable[[dict], No
     return entries, append
 
 
-def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, head_of: dict[str, int]) -> str:
-    """The overall table, then speed-up over the target per category."""
+def _interval(r: dict) -> str:
+    if not r or r["ratio"] is None:
+        return "-"
+    return f"{r['ratio']:.2f}x [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, head_of: dict[str, int],
+             baseline: str, repeats: int, lossless: str) -> str:  # fmt: skip
+    """The overall table, then the decode speed-up over the baseline per category."""
     lines = [
-        f"MLX {env['mlx']} on {env['device']} ({env['cpu']}, {env['cores']} cores), weights {env['dtype']}, "
-        f"BLAS {env['blas']}. Decode: tokens/s after the first round, as mlx-lm's generation tokens-per-sec; "
-        "end-to-end: all tokens over the whole call, prefill included.",
+        f"MLX {env['mlx']}, mlx-lm {env['mlx_lm']} on {env['device']} ({env['cpu']}, {env['cores']} cores), "
+        f"weights {env['dtype']}, BLAS {env['blas']}. Each method ran {repeats} time(s) per question in a seeded "
+        f"random order; speed-ups are medians over repeats with 95% bootstrap intervals over questions. "
+        f"Baseline: `{baseline}`. Decode: tokens after the first round over the time after it. "
+        f"Lossless check: {lossless}.",
         "",
-        "| method | k | draft tokens | drafter head MB | tau | acceptance | MBSU | decode tok/s | vs target "
-        "| vs mlx-lm-spec | end-to-end tok/s | vs target | vs mlx-lm-spec |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | head rows | drafts/call | tau | acceptance | MBSU | decode tok/s | vs target | vs baseline "
+        "| end-to-end tok/s | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def ratio(x: float | None) -> str:
-        return f"{x:.2f}x" if x else "-"
-
     for name, s in summary.items():
-        head = f"{head_of[name] / 1e6:.1f}" if name in head_of else "-"
-        drafts = str(s["num_draft_tokens"] or "-")
-        if s.get("draft_threshold"):
-            drafts = f"<= {drafts}, {s['drafts_per_call']:.2f} mean"
+        setting = s["setting"] or {}
+        rows = f"{head_of[name]:,}" if name in head_of else "-"
+        if setting.get("context_head") and name in head_of:
+            rows += f" +{s['context_rows']:.0f}"
         lines.append(
-            f"| {name} | {s['k'] or '-'} | {drafts} | {head} | {s['tau']:.2f} | "
-            f"{s['acceptance']:.1%} | {s['mbsu']:.2f} | {s['decode_tokens_per_s']:.3f} | "
-            f"{ratio(s['speedup_vs_target'])} | {ratio(s['speedup_vs_mlx_lm_spec'])} | {s['tokens_per_s']:.3f} | "
-            f"{ratio(s['e2e_speedup_vs_target'])} | {ratio(s['e2e_speedup_vs_mlx_lm_spec'])} |"
+            f"| {name} | {rows} | {s['drafts_per_call']:.2f} | {s['tau']:.2f} | {s['acceptance']:.1%} | "
+            f"{s['mbsu']:.2f} | {s['decode_tokens_per_s']:.3f} | {_interval(s['decode_vs_target'])} | "
+            f"{_interval(s['decode_vs_baseline'])} | {s['e2e_tokens_per_s']:.3f} | {_interval(s['e2e_vs_baseline'])} |"
         )
     names = list(summary)
-    lines += ["", "Decode speed-up over `target` by category:", "",
+    lines += ["", f"Decode speed-up over `{baseline}` by category:", "",
               "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
     for cat, s in categories.items():
-        cells = [f"{s[n]['speedup_vs_target']:.2f}x" if s[n]["speedup_vs_target"] else "-" for n in names]
+        cells = [f"{s[n]['decode_vs_baseline']['ratio']:.2f}x" if s[n]["decode_vs_baseline"]["ratio"] else "-"
+                 for n in names]  # fmt: skip
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, dict], full_rows: int, path: Path) -> bool:
-    """PNG of speed-up over the target and tau against k; False when matplotlib is missing."""
+def plot(summary: dict[str, dict], baseline: str, path: Path) -> bool:
+    """PNG of each method's decode speed-up over the baseline with its interval; False without matplotlib."""
     try:
         import matplotlib
 
@@ -454,45 +424,254 @@ def plot(summary: dict[str, dict], full_rows: int, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    points = sorted(
-        (s["k"] or full_rows, s)
-        for n, s in summary.items()
-        if n.startswith(("trim@", "full")) and s["speedup_vs_target"]
-    )
-    if not points:
+    names = [n for n, s in summary.items() if s["decode_vs_baseline"]["ratio"]]
+    if not names:
         return False
-    ks = [k for k, _ in points]
-    fig, left = plt.subplots(figsize=(6, 3.6))
-    left.plot(ks, [s["speedup_vs_target"] for _, s in points], "o-", label="decode speed-up vs target")
-    left.plot(ks, [s["mbsu"] for _, s in points], "s--", label="MBSU")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("k (drafter head rows)")
-    left.set_ylabel("speed-up")
-    right = left.twinx()
-    right.plot(ks, [s["tau"] for _, s in points], "^:", color="gray", label="tau")
-    right.set_ylabel("tokens per target call")
-    fig.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    values = [summary[n]["decode_vs_baseline"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    y = range(len(names))
+    ratios = [v["ratio"] for v in values]
+    errors = [[r - v["low"] for r, v in zip(ratios, values, strict=True)],
+              [v["high"] - r for r, v in zip(ratios, values, strict=True)]]  # fmt: skip
+    ax.barh(list(y), ratios, xerr=errors, color="#4c72b0", capsize=3)
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"decode tokens/s over {baseline} (95% interval)")
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def write_outputs(out: Path, report: dict, table: str, full_rows: int) -> list[Path]:
+def write_outputs(out: Path, report: dict, table: str) -> list[Path]:
     """bench.json, bench.md and (with matplotlib) bench.png, each written whole, then the
     resume log is removed."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.md"]
     for path, text in zip(paths, (json.dumps(report, indent=1, default=str), table), strict=True):
-        _write_whole(path, text)
-    tmp = out / ".bench.tmp.png"
-    if plot(report["summary"], full_rows, tmp):
-        os.replace(tmp, out / "bench.png")
-        paths.append(out / "bench.png")
+        write_text_whole(path, text)
+    png = out / "bench.png"
+    from .files import write_whole
+
+    drawn = []
+    write_whole(png, lambda tmp: drawn.append(plot(report["summary"], report["baseline"], tmp)))
+    if drawn and drawn[0]:
+        paths.append(png)
+    else:
+        png.unlink(missing_ok=True)
     (out / "bench.partial.jsonl").unlink(missing_ok=True)
     return paths
 
 
 def runs_as_dicts(runs: list[Run]) -> list[dict]:
-    return [{k: v for k, v in asdict(r).items() if k not in ("tokens", "from_draft")} | {"tokens": r.tokens}
-            for r in runs]  # fmt: skip
+    return [{k: v for k, v in asdict(r).items() if k != "from_draft"} for r in runs]
+
+
+def parse_methods(spec: str, num_draft_tokens: int, draft_threshold: float, lookup_ngram: int,
+                  lookup_tokens: int) -> list[tuple[str, Setting]]:  # fmt: skip
+    """(name, setting) of each of --methods: full or trim@K, then optional +ctx and +lookup."""
+    methods = []
+    for name in [m.strip() for m in spec.split(",") if m.strip()]:
+        head, *extras = name.split("+")
+        if head != "full" and not (head.startswith("trim@") and head[5:].isdigit() and int(head[5:]) > 0):
+            raise VocabTrimError(f"--methods: {name!r} is not full or trim@K (with +ctx, +lookup): e.g. trim@16384+ctx")
+        if set(extras) - {"ctx", "lookup"} or len(set(extras)) != len(extras) or (head == "full" and "ctx" in extras):
+            raise VocabTrimError(f"--methods: {name!r} takes +ctx (trimmed heads only) and +lookup, each once")
+        k = None if head == "full" else int(head[5:])
+        methods.append((name, Setting(k, num_draft_tokens, draft_threshold, "ctx" in extras,
+                                      lookup_ngram if "lookup" in extras else 0, lookup_tokens)))  # fmt: skip
+    return methods
+
+
+def _pair(model: str, draft_model: str, vocab: str | None, needs_vocab: bool):
+    """Target, tokenizer, untrimmed drafter, ranked ids (or None) and their provenance."""
+    from .resolve import load_drafter, load_target, vocab_for
+    from .vocab import read_ranked_ids
+
+    target, tokenizer, target_path = load_target(model)
+    drafter, drafter_path = load_drafter(draft_model, target, tokenizer, model)
+    if getattr(drafter, "vocab_remap", None) is not None:
+        raise VocabTrimError(f"{draft_model} is already trimmed: benchmark and tune with the untrimmed drafter")
+    path, how = vocab_for(tokenizer, vocab)
+    if path is None and needs_vocab:
+        raise VocabTrimError(f"no vocab matches {model}'s tokenizer: pass --vocab FILE (`mlx-vocabtrim calibrate` "
+                             "makes one)")  # fmt: skip
+    ranked = read_ranked_ids(path, tokenizer) if path else None
+    return target, tokenizer, drafter, ranked, f"{path} ({how})" if path else None, target_path, drafter_path
+
+
+def _tune(target, tokenizer, drafter, ranked, ks, tuning, max_tokens, max_prompt_tokens, echo) -> dict:
+    """Run tune.tune on the tuning questions with a progress bar."""
+    from .calibrate import chat_prompt
+    from .tune import tune
+    from .vocab import keep_ids
+
+    rows = head_rows(drafter)
+    keeps = {k: keep_ids(ranked, k, rows, tokenizer) for k in ks if k < rows}
+    prompts = [chat_prompt(tokenizer, q["prompt"], max_prompt_tokens) for q in tuning]
+    import click
+
+    with click.progressbar(length=len(prompts), label="Tuning", file=sys.stderr, show_eta=True) as bar:
+        result = tune(target, drafter, prompts, max_tokens, set(tokenizer.eos_token_ids), keeps,
+                      lambda: bar.update(1))  # fmt: skip
+    result["tuning_questions"] = [q["question_id"] for q in tuning]
+    return result
+
+
+def _save_profile(result: dict, model: str, draft_model: str, target, paths, vocab_used, out, command) -> Path:
+    from .profiles import model_key, save_profile
+
+    choice = result["choice"]
+    setting = Setting.of(choice)
+    measured = {"predicted_tokens_per_s": choice["predicted_tokens_per_s"], "expected_tau": choice["expected_tau"],
+                "tuned_on": result["tuning_questions"], "vocab": vocab_used, "environment": environment(target),
+                "date": time.strftime("%Y-%m-%d"), "command": command}  # fmt: skip
+    return save_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]), setting, measured, out)
+
+
+def tune_pair(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prompt_tokens, out, force,
+              echo) -> dict:  # fmt: skip
+    """`mlx-vocabtrim tune`: tune on `prompts` questions spread over the file, save the profile (to
+    this machine's store, replacing the pair's earlier one, or to `out`)."""
+    from .files import check_output
+    from .questions import PACKAGED_QUESTIONS, tuning_questions
+
+    if out is not None:
+        check_output(out, inputs=[questions, vocab], force=force)
+    target, tokenizer, drafter, ranked, vocab_used, *paths = _pair(model, draft_model, vocab, needs_vocab=True)
+    tuning, _ = tuning_questions(questions or PACKAGED_QUESTIONS, [], prompts)
+    result = _tune(target, tokenizer, drafter, ranked, ks, tuning, max_tokens, max_prompt_tokens, echo)
+    from .cli import command_line
+
+    path = _save_profile(result, model, draft_model, target, paths, vocab_used, out, command_line())
+    choice, rows = result["choice"], head_rows(drafter)
+    setting = Setting.of(choice)
+    best = result["mlx_lm_spec"][result["mlx_lm_spec_best"]]
+    echo(f"Chose {setting.name(rows)}: {choice['predicted_tokens_per_s']:.3f} tokens/s predicted, tau "
+         f"{choice['expected_tau']:.2f} (mlx-lm's speculative decoding at its best, {result['mlx_lm_spec_best']} "
+         f"drafts: {best['predicted_tokens_per_s']:.3f} tokens/s)")  # fmt: skip
+    echo(f"Wrote {path}")
+    return result
+
+
+def run_bench(*, out: Path, force: bool, questions: str | None, per_category: int, **options) -> dict:
+    """`mlx-vocabtrim bench`: see the command's help. Its output directory is checked before any
+    work and locked while it runs: a second bench on the same --out stops with an error."""
+    from .files import check_output, output_lock
+    from .questions import PACKAGED_QUESTIONS, read_questions
+
+    if out.exists() and not out.is_dir():
+        raise VocabTrimError(f"--out {out} is a file: give a directory for bench.json, bench.md and bench.png")
+    if (out / "bench.json").exists() and not (out / "bench.partial.jsonl").exists() and not force:
+        raise VocabTrimError(f"{out} holds a finished bench: pass --force to replace it, or pick another --out")
+    check_output(out / "bench.json", force=True)
+    questions = questions or str(PACKAGED_QUESTIONS)
+    qs = read_questions(questions, per_category)
+    with output_lock(out):
+        return _bench(out=out, questions=questions, qs=qs, per_category=per_category, **options)
+
+
+def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_threshold, lookup_ngram, lookup_tokens,
+           ks, baseline, auto, auto_prompts, questions, qs, per_category, max_tokens, max_prompt_tokens, temp, top_p,
+           repeats, seed, out, save_profile, echo) -> dict:  # fmt: skip
+    import click
+
+    from .calibrate import chat_prompt
+    from .cli import command_line
+    from .questions import tuning_questions
+    from .trim import trimmed_copy
+    from .vocab import keep_ids
+
+    sweep = parse_methods(methods, num_draft_tokens, draft_threshold, lookup_ngram, lookup_tokens)
+    config = {"model": model, "draft_model": draft_model, "vocab": vocab, "methods": methods,
+              "num_draft_tokens": num_draft_tokens, "draft_threshold": draft_threshold, "lookup_ngram": lookup_ngram,
+              "lookup_tokens": lookup_tokens, "k": ks, "baseline": baseline, "auto": auto,
+              "auto_prompts": auto_prompts, "questions": str(questions), "per_category": per_category,
+              "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens, "temp": temp, "top_p": top_p,
+              "repeats": repeats, "seed": seed}  # fmt: skip
+    entries, log = resume_log(out, config)
+    needs_vocab = auto or any(s.k is not None for _, s in sweep)
+    target, tokenizer, drafter, ranked, vocab_used, *paths = _pair(model, draft_model, vocab, needs_vocab)
+    rows = head_rows(drafter)
+    drafters = {None: drafter}
+
+    def method(name: str, setting: Setting) -> Method:
+        """Our generator with `setting`: a drafter trimmed to its k (one copy per k, sharing the body),
+        none when it drafts nothing (prompt lookup alone)."""
+        k = None if setting.k is None or setting.k >= rows else setting.k
+        if k not in drafters:
+            drafters[k] = trimmed_copy(drafter, keep_ids(ranked, k, rows, tokenizer))
+        return Method(name, "ours", drafters[k] if setting.num_draft_tokens else None, setting)
+
+    env = environment(target)
+    echo(f"BLAS: {env['blas']}; weights {env['dtype']}; {env['device']}; {env['cpu']}", err=True)
+    eos = set(tokenizer.eos_token_ids)
+    encode = lambda text: chat_prompt(tokenizer, text, max_prompt_tokens)  # noqa: E731
+    done = {(e["run"]["question_id"], e["run"]["method"], e["run"]["repeat"]): Run(**e["run"]) for e in entries
+            if "run" in e}  # fmt: skip
+    if entries:
+        echo(f"Resuming the unfinished bench in {out}: {len(done)} runs done", err=True)
+    tuned = None
+    if auto or baseline == "auto":
+        tuning, qs = tuning_questions(questions, qs, auto_prompts)
+        tuned = next((e["tune"] for e in entries if "tune" in e), None)
+        if tuned is None:
+            tuned = _tune(target, tokenizer, drafter, ranked, ks if auto else [], tuning, max_tokens,
+                          max_prompt_tokens, echo)  # fmt: skip
+            log({"tune": tuned})
+        tuned["mlx_lm_spec"] = {int(g): row for g, row in tuned["mlx_lm_spec"].items()}
+    best_gamma = tuned["mlx_lm_spec_best"] if baseline == "auto" else baseline
+    spec = lambda g: Method(f"mlx-lm-spec@{g}", "mlx-lm-spec", drafter, Setting(None, g, 0.0, False, 0))  # noqa: E731
+    method_list = [Method("target", "target"), spec(3)] + ([spec(best_gamma)] if best_gamma != 3 else [])
+    method_list += [method(name, setting) for name, setting in sweep]
+    if auto:
+        choice = tuned["choice"]
+        chosen = Setting.of(choice)
+        method_list.append(method(f"auto: {chosen.name(rows)}", chosen))
+        both = tuned.get("best_with_context_and_lookup")
+        if both and not (chosen.context_head and chosen.lookup_ngram):  # the best with both features, measured too
+            method_list.append(method(f"auto, both features: {Setting.of(both).name(rows)}", Setting.of(both)))
+        same_length = Setting(None, chosen.num_draft_tokens, chosen.draft_threshold, False, 0)
+        if chosen.num_draft_tokens and not any(m.setting == same_length for m in method_list):
+            stop = f" stop<{chosen.draft_threshold:g}" if chosen.draft_threshold else ""
+            method_list.append(method(f"full x{chosen.num_draft_tokens}{stop}", same_length))
+        echo(f"Auto choice: {chosen.name(rows)} (predicted {choice['predicted_tokens_per_s']:.3f} tok/s, tau "
+             f"{choice['expected_tau']:.2f})", err=True)  # fmt: skip
+    names = [m.name for m in method_list]
+    if len(set(names)) != len(names):
+        raise VocabTrimError(f"--methods repeats a method: {', '.join(names)}")
+    warm = encode("Say hi.")
+    for m in method_list:  # every method starts warm
+        run_method(m, target, warm, 4, temp, top_p, eos)
+    with click.progressbar(length=len(qs) * len(method_list) * repeats, label="Benchmark", file=sys.stderr,
+                           show_eta=True) as bar:  # fmt: skip
+        runs = interleave(qs, method_list, target, encode, max_tokens, temp, top_p, eos, repeats, seed,
+                          lambda: bar.update(1), done, lambda run: log({"run": asdict(run)}))  # fmt: skip
+    mismatch = check_lossless(runs) if temp == 0 else None
+    target_bytes = step_bytes(target)
+    row_bytes = head_bytes(drafter) / rows
+    c_of, head_of = {}, {}
+    for m in method_list:
+        if m.drafter is not None:
+            context_rows = np.mean([r.context_rows for r in runs if r.method == m.name] or [0])
+            c_of[m.name] = (step_bytes(m.drafter) + context_rows * row_bytes) / target_bytes
+            head_of[m.name] = head_rows(m.drafter)
+    base_name = fastest([m.name for m in method_list if m.kind == "mlx-lm-spec"], runs)
+    summary = summarize(runs, method_list, c_of, base_name)
+    categories = by_category(runs, method_list, c_of, base_name)
+    report = {"environment": env, "config": config, "command": command_line(), "baseline": base_name,
+              "lossless": mismatch or ("every greedy output equals the target's" if temp == 0 else "sampled"),
+              "vocab": vocab_used, "tune": tuned, "summary": summary, "categories": categories, "c": c_of,
+              "head_rows": head_of, "runs": runs_as_dicts(runs),
+              "c_note": "drafter/target weight bytes read per decode step, input embedding excluded"}  # fmt: skip
+    table = markdown(summary, categories, env, head_of, base_name, repeats, report["lossless"])
+    written = write_outputs(out, report, table)
+    echo(table)
+    echo("Wrote " + ", ".join(map(str, written)))
+    if mismatch:  # the figures are written, then the run fails loudly
+        raise VocabTrimError(mismatch)
+    if auto and save_profile:
+        path = _save_profile(tuned, model, draft_model, target, paths, vocab_used, None, command_line())
+        echo(f"Saved the choice as this pair's profile: {path}")
+    return report

@@ -1,26 +1,25 @@
-"""The Spec-Bench harness on tiny models: every method lossless, figures consistent, auto-tuning runs."""
+"""The Spec-Bench harness and the tuner on tiny models: counts observed in the KV caches and the
+same for every method, repeats in a seeded order, intervals, a tuned mlx-lm baseline, resume,
+and the tuner's replay matching real runs exactly."""
 
 import json
+import random
+from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from conftest import make_model
+from conftest import VOCAB, make_model, noisy_copy
+from mlx_lm.generate import generate_step
 
 from mlx_vocabtrim import VocabTrimError
-from mlx_vocabtrim.bench import (
-    GAMMAS,
-    THRESHOLDS,
-    Run,
-    accepted_runs,
-    check_lossless,
-    draft_length,
-    predict,
-    read_questions,
-    step_bytes,
-    tuning_questions,
-)
+from mlx_vocabtrim.bench import Method, Run, check_lossless, count_passes, parse_methods, run_method, step_bytes
 from mlx_vocabtrim.cli import cli
+from mlx_vocabtrim.profiles import Setting
+from mlx_vocabtrim.questions import PACKAGED_QUESTIONS, read_questions, tuning_questions
+from mlx_vocabtrim.speculative import SpecStats, speculative_generate_step
 from mlx_vocabtrim.trim import trimmed_copy
+from mlx_vocabtrim.tune import Costs, _lookups, predict, replay, settings_grid, trace
 
 CATEGORIES = ["coding", "writing", "math"]
 
@@ -29,11 +28,10 @@ CATEGORIES = ["coding", "writing", "math"]
 def bench_inputs(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     lines = [
-        json.dumps(
-            {"question_id": i, "category": CATEGORIES[i % 3], "turns": [f"Question {i}: add {i} and x.", "more"]}
-        )
+        json.dumps({"question_id": i, "category": CATEGORIES[i % 3],
+                    "turns": [f"Question {i}: add {i} and x. Question {i}: add", "more"]})
         for i in range(9)
-    ]
+    ]  # fmt: skip
     (root / "question.jsonl").write_text("\n".join(lines))
     text = root / "calib.txt"
     text.write_text("Question add and x. def add(a, b): return a + b")
@@ -49,64 +47,116 @@ def bench_args(model_dirs, root, out, *extra):
             "--out", str(out), *extra]  # fmt: skip
 
 
-def test_sweep_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
-    result = CliRunner().invoke(
-        cli, bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40,100", "--per-category", "2")
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "bench.json").read_text())
-    methods = ["target", "mlx-lm-spec@3", "full", "trim@40", "trim@100"]
-    assert list(report["summary"]) == methods
-    assert len(report["runs"]) == 6 * len(methods)
-    # interleaved prompt by prompt: methods alternate within each question
-    assert [r["method"] for r in report["runs"][:5]] == methods
-    assert set(report["categories"]) == set(CATEGORIES)
-    target = report["summary"]["target"]
-    assert target["tau"] == 1.0 and target["speedup_vs_target"] == 1.0 == target["e2e_speedup_vs_target"]
-    for run in report["runs"]:  # decode excludes prefill and the first round, never counts more than it times
-        assert 0 < run["decode_tokens"] < run["new_tokens"] and 0 < run["decode_seconds"] < run["seconds"]
-    for name in methods[1:]:
-        s = report["summary"][name]
-        assert s["speedup_vs_mlx_lm_spec"] == pytest.approx(
-            s["decode_tokens_per_s"] / report["summary"]["mlx-lm-spec@3"]["decode_tokens_per_s"]
-        )
-        assert s["tokens"] == target["tokens"], "same greedy output, same length"
-        assert 1.0 <= s["tau"] <= 4.0 and 0 <= s["acceptance"] <= 1
-        assert s["mbsu"] == pytest.approx(s["tau"] / (s["c"] * s["drafts_per_call"] + 1))
-    assert report["c"]["trim@40"] < report["c"]["trim@100"] < report["c"]["full"]
-    assert report["head_bytes"]["trim@40"] == 40 * 64 * 4
-    env = report["environment"]
-    assert {"mlx", "device", "dtype", "blas", "cpu", "cores"} <= set(env) and env["dtype"] == "float32"
-    table = (tmp_path / "bench.md").read_text()
-    assert "| trim@40 | 40 | 3 |" in table and "by category" in table
-    assert "BLAS:" in result.output
+def test_count_passes_stops_at_the_same_place_for_everyone():
+    # prompt of 5 tokens (positions 0-4); 10 tokens emitted, the last at position 14
+    ours = [(0, 4), (4, 4), (8, 4), (12, 2)]  # prefill, then rounds of 3 drafts, a last round of 1
+    mlx_lm = [(0, 4), (4, 4), (8, 4), (12, 3)]  # mlx-lm drafts up to what is left (2), its bonus is dropped
+    assert count_passes(ours, [], 5, 10) == (3, 7, 0)
+    assert count_passes(mlx_lm, [], 5, 10) == (3, 8, 0)
+    # target alone: a pass queued ahead of the last token (offset 14) is not counted
+    alone = [(0, 4)] + [(4 + i, 1) for i in range(11)]
+    assert count_passes(alone, [], 5, 10) == (10, 0, 0)
+    # EOS as the 2nd token of a round of 3 accepted drafts: the drafts after it are not counted
+    assert count_passes([(0, 4), (4, 4)], [], 5, 2) == (1, 2, 0)
+    # drafter passes: prefill (ends before position 4) excluded; each later pass proposes offset + n
+    assert count_passes([(0, 4), (4, 4)], [(0, 4), (4, 1), (5, 1), (6, 1), (7, 2)], 5, 4) == (1, 3, 3)
 
 
-def test_auto_picks_and_confirms(model_dirs, bench_inputs, tmp_path):
-    args = bench_args(
-        model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "3", "--auto", "--auto-prompts", "2",
-        "--num-draft-tokens", "2",
-    )  # fmt: skip
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_drafter_equal_to_target_accepts_everything_in_every_method(arch):
+    """Observed counts: 100% acceptance and the same tau for ours and mlx-lm's, whatever the draft length."""
+    target = make_model(arch, seed=81)
+    prompt = [5, 17, 33, 90, 200, 11]
+    reference = [t for t, _ in generate_step(mx.array(prompt), target, max_tokens=10)]
+    methods = [Method(f"mlx-lm-spec@{g}", "mlx-lm-spec", target, Setting(None, g)) for g in (2, 3, 4)]
+    methods += [Method(f"ours@{g}", "ours", target, Setting(None, g, 0.0, False, 0)) for g in (2, 3, 4)]
+    taus = {}
+    for m in methods:
+        run = run_method(m, target, prompt, 10, 0.0, 1.0, eos=set())
+        assert run.tokens == reference and run.emitted == 10
+        assert run.accepted == run.drafted > 0, m.name
+        taus.setdefault(m.setting.num_draft_tokens, set()).add(run.emitted / run.target_calls)
+    assert all(len(t) == 1 for t in taus.values()), taus
+    assert taus[3] == {10 / 3}
+
+
+def test_target_alone_is_one_pass_per_token_and_lossless():
+    target = make_model("qwen2", seed=82)
+    run = run_method(Method("target", "target"), target, [3, 4, 5], 12, 0.0, 1.0, eos=set())
+    assert run.target_calls == 12 and run.drafted == run.accepted == 0
+    assert run.tokens == [t for t, _ in generate_step(mx.array([3, 4, 5]), target, max_tokens=12)]
+
+
+def test_parse_methods():
+    methods = parse_methods("full, trim@40+ctx,trim@40+lookup+ctx,full+lookup", 3, 0.5, 2, 6)
+    assert [n for n, _ in methods] == ["full", "trim@40+ctx", "trim@40+lookup+ctx", "full+lookup"]
+    assert methods[2][1] == Setting(40, 3, 0.5, True, 2, 6)
+    assert methods[3][1] == Setting(None, 3, 0.5, False, 2, 6)
+    for bad in ("trim@x", "full+ctx", "trim@40+ctx+ctx", "half"):
+        with pytest.raises(VocabTrimError, match="--methods"):
+            parse_methods(bad, 3, 0.0, 2, 6)
+
+
+def test_sweep_with_repeats_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "full,trim@40,trim@40+ctx,full+lookup",
+                      "--per-category", "2", "--repeats", "2", "--baseline", "2")  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
-    auto = report["auto"]
-    choice = auto["choice"]
-    assert choice["k"] in (40, 320) and choice["num_draft_tokens"] in GAMMAS
-    assert len(auto["table"]) == 2 * len(GAMMAS) * len(THRESHOLDS) and auto["rounds"] > 0
-    best = max(row["predicted_tokens_per_s"] for row in auto["table"])
-    assert choice["predicted_tokens_per_s"] == best
-    for row in auto["table"]:  # the speed model (`predict`, tested below) from the measured step times
-        assert 1 <= row["expected_tau"] <= row["num_draft_tokens"] + 1 and row["predicted_tokens_per_s"] > 0
+    names = ["target", "mlx-lm-spec@3", "mlx-lm-spec@2", "full", "trim@40", "trim@40+ctx", "full+lookup"]
+    assert list(report["summary"]) == names
+    rates = {n: report["summary"][n]["decode_tokens_per_s"] for n in ("mlx-lm-spec@3", "mlx-lm-spec@2")}
+    assert report["baseline"] == max(rates, key=rates.get), "the faster of mlx-lm's default and the asked length"
+    runs = report["runs"]
+    assert len(runs) == 6 * len(names) * 2
+    orders = {}
+    for r in runs:
+        orders.setdefault(r["question_id"], []).append((r["method"], r["repeat"]))
+    assert all(sorted(o) == sorted((n, i) for n in names for i in range(2)) for o in orders.values())
+    assert len({tuple(o) for o in orders.values()}) > 1, "the order is shuffled per question"
+    for name in names:
+        s = report["summary"][name]
+        assert s["runs"] == 12 and s["emitted"] == report["summary"]["target"]["emitted"]
+        for key in ("decode_vs_target", "decode_vs_baseline", "e2e_vs_baseline"):
+            assert s[key]["low"] <= s[key]["ratio"] <= s[key]["high"], (name, key, s[key])
+        assert s["mbsu"] == pytest.approx(s["tau"] / (s["c"] * s["drafter_steps_per_call"] + 1))
+    base = report["summary"][report["baseline"]]
+    assert base["decode_vs_baseline"]["ratio"] == pytest.approx(1.0)
+    assert report["summary"]["target"]["tau"] == 1.0 and report["summary"]["target"]["drafted"] == 0
+    assert report["summary"]["full+lookup"]["drafts_per_call"] > report["summary"]["full"]["drafts_per_call"]
+    assert report["summary"]["trim@40+ctx"]["context_rows"] > 0
+    assert report["c"]["trim@40"] < report["c"]["trim@40+ctx"] < report["c"]["full"]
+    env = report["environment"]
+    assert {"mlx", "mlx_lm", "device", "dtype", "blas", "cpu", "cores"} <= set(env) and env["dtype"] == "float32"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| trim@40+ctx | 40 +" in table and "by category" in table and "bootstrap" in table
+    assert "BLAS:" in result.output
+
+
+def test_auto_tunes_ours_and_the_baseline_then_saves_a_profile(model_dirs, bench_inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_VOCABTRIM_CACHE", str(tmp_path / "cache"))  # the profile stays with this test
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "", "--k", "40", "--per-category", "3",
+                      "--auto", "--auto-prompts", "2")  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    tuned = report["tune"]
+    best = max(tuned["top"], key=lambda row: row["predicted_tokens_per_s"])
+    assert tuned["choice"] == best and tuned["settings_weighed"] == len(settings_grid([40]))
+    spec = {int(g): row["predicted_tokens_per_s"] for g, row in tuned["mlx_lm_spec"].items()}
+    assert sorted(spec) == list(range(1, 9)) and tuned["mlx_lm_spec_best"] == max(spec, key=spec.get)
     names = list(report["summary"])
-    assert names[:3] == ["target", "mlx-lm-spec@3", "mlx-lm-spec@2"], "the anchor at mlx-lm's default comes first"
-    assert auto["method"] in names and names[3:5] == ["full", "trim@40"]
-    assert auto["method"] in ("full", "trim@40") or auto["method"].startswith(("auto: trim@40 x", "auto: full x"))
-    assert report["summary"]["target"]["speedup_vs_mlx_lm_spec"] == pytest.approx(
-        report["summary"]["target"]["decode_tokens_per_s"] / report["summary"]["mlx-lm-spec@3"]["decode_tokens_per_s"]
-    )
-    assert len(report["runs"]) == 7 * len(names), "the 2 tuning prompts are not in the confirmation"
-    assert not set(auto["tuning_questions"]) & {r["question_id"] for r in report["runs"]}
+    assert names[:2] == ["target", "mlx-lm-spec@3"] and f"mlx-lm-spec@{max(spec, key=spec.get)}" in names
+    assert report["baseline"] in ("mlx-lm-spec@3", f"mlx-lm-spec@{max(spec, key=spec.get)}")
+    assert any(n.startswith("auto: ") for n in names)
+    assert len(report["runs"]) == 7 * len(names), "the 2 tuning questions are not benchmarked"
+    assert not set(tuned["tuning_questions"]) & {r["question_id"] for r in report["runs"]}
+    assert "Saved the choice as this pair's profile" in result.output
+    path = result.output.split("Saved the choice as this pair's profile: ")[-1].strip()
+    profile = json.loads(open(path).read())
+    assert profile["settings"]["num_draft_tokens"] == tuned["choice"]["num_draft_tokens"]
+    assert profile["measured"]["environment"]["dtype"] == "float32"
+    assert Path(path).parent == tmp_path / "cache" / "profiles"
 
 
 def test_tuning_prompts_come_from_outside_the_benchmark(bench_inputs):
@@ -116,59 +166,44 @@ def test_tuning_prompts_come_from_outside_the_benchmark(bench_inputs):
     assert not {q["question_id"] for q in tuning} & {q["question_id"] for q in chosen}
 
 
-def test_tau_of_every_k_and_gamma_from_one_long_draft_run():
-    # rounds at gamma 4: accepted [5, 6, 7, 8] (all), [5, 9] then a rejection, [] (first draft rejected)
-    tokens = [5, 6, 7, 8, 1, 5, 9, 2, 3]
-    from_draft = [True, True, True, True, False, True, True, False, False]
-    accepted = accepted_runs(tokens + [4], from_draft + [True])  # an unfinished last round is dropped
-    assert accepted == [[5, 6, 7, 8], [5, 9], []]
-    rounds = list(zip(accepted, [[0.9, 0.8, 0.7, 0.6], [0.9, 0.5, 0.2, 0.1], [0.3, 0.1, 0.05, 0.01]], strict=True))
-    t_verify = {n: 1.0 for n in range(1, 6)}
-
-    def tau(kept, gamma, threshold=0.0):
-        return predict(rounds, kept, gamma, threshold, 0.1, t_verify)[0]
-
-    assert tau(None, 4) == pytest.approx(1 + (4 + 2 + 0) / 3)
-    assert tau(None, 1) == pytest.approx(1 + (1 + 1 + 0) / 3)
-    # a head without 7: the first round stops before 7; without 5 every round stops at once
-    assert tau({5, 6, 8, 9}, 4) == pytest.approx(1 + (2 + 2 + 0) / 3)
-    assert tau({6, 7, 8, 9}, 4) == 1.0
-    # threshold 0.4: drafting stops at the first running confidence below it (that draft counts)
-    assert [draft_length(c, 4, 0.4) for _, c in rounds] == [4, 3, 1]
-    assert tau(None, 4, 0.4) == pytest.approx(1 + (4 + 2 + 0) / 3)
-    _, speed = predict(rounds, None, 4, 0.4, 0.1, t_verify)
-    assert speed == pytest.approx((5 + 3 + 1) / (4 * 0.1 + 3 * 0.1 + 1 * 0.1 + 3 * 1.0))
+def test_packaged_spec_bench():
+    questions = read_questions(PACKAGED_QUESTIONS, None)
+    assert len(questions) == 480 and len({q["category"] for q in questions}) == 13
+    assert "Apache License" in (PACKAGED_QUESTIONS.parent / "LICENSE").read_text()
 
 
-def test_a_mismatch_fails_loudly():
-    runs = [Run("target", "c", 1, 5, 3, 1.0, 3, 0, 0, [1, 2, 3]), Run("trim@8", "c", 1, 5, 3, 1.0, 2, 3, 1, [1, 2, 4])]
-    with pytest.raises(VocabTrimError, match="trim@8 differs from the target on question 1 at token 2"):
-        check_lossless(runs)
+@pytest.fixture(scope="module")
+def replay_pair():
+    target = make_model("qwen2", seed=91)
+    drafter = noisy_copy(target, "qwen2", 0.03, seed=92)
+    keep = list(range(0, VOCAB, 3))
+    prompts = [[5, 17, 33, 90, 200, 11, 5, 17, 33], list(range(60, 80)) * 2, [7, 8, 9, 7, 8, 9, 7, 8]]
+    traces = [trace(target, drafter, p, 40, set(), {len(keep): keep}) for p in prompts]
+    return target, drafter, keep, prompts, traces
 
 
-def test_model_of_speed_and_bytes():
-    # fixed length: tau over one round's time, gamma drafter steps plus a pass over gamma + 1 tokens
-    rounds = [([7, 7, 7], [1.0] * 3), ([], [1.0] * 3)]
-    assert predict(rounds, None, 3, 0.0, 0.1, {4: 1.0}) == pytest.approx((2.5, 2.5 / 1.3))
-    model = make_model("qwen2", seed=51)
-    full = step_bytes(model)
-    # the input embedding (320 x 64 floats) is not read whole, so it is not counted
-    assert full == sum(v.nbytes for k, v in _flat(model) if not k.startswith("model.embed_tokens"))
-    assert full - step_bytes(trimmed_copy(model, list(range(20)))) == (320 - 20) * 64 * 4
-
-
-def _flat(model):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
-
-
-def test_bad_questions(tmp_path):
-    (tmp_path / "q.jsonl").write_text('{"category": "x"}\n')
-    with pytest.raises(VocabTrimError, match="line 1 is not a Spec-Bench question"):
-        read_questions(tmp_path / "q.jsonl", 2)
-    with pytest.raises(VocabTrimError, match="does not exist"):
-        read_questions(tmp_path / "none.jsonl", 2)
+@pytest.mark.parametrize("seed", range(3))
+def test_replay_matches_real_runs_exactly(replay_pair, seed):
+    """For greedy decoding the tuner's replay gives exactly the target calls a real run makes (and the
+    drafter steps, at a fixed length), for heads with and without context rows, lookup and thresholds."""
+    target, drafter, keep, prompts, traces = replay_pair
+    trimmed = trimmed_copy(drafter, keep)
+    costs = Costs({n: 1.0 for n in range(1, 30)}, {(None, False): 0.1, (len(keep), False): 0.1,
+                                                    (len(keep), True): 0.1}, {1: 0.0})  # fmt: skip
+    grid = random.Random(seed).sample(settings_grid([len(keep)]), 40)
+    for setting in grid:
+        model = drafter if setting.k is None else trimmed
+        for prompt, tr in zip(prompts, traces, strict=True):
+            lookups = _lookups(tr, setting.lookup_ngram, 16) if setting.lookup_ngram else []
+            tokens, calls, steps, _ = replay(tr, setting, costs, {setting.lookup_ngram: lookups})
+            stats = SpecStats()
+            out = [t for t, _, _ in speculative_generate_step(prompt, target, model, max_tokens=40, stats=stats,
+                                                              **setting.generation_kwargs())]  # fmt: skip
+            assert out == tr.answer and tokens == len(out)
+            assert calls == stats.target_calls, setting
+            if not setting.draft_threshold:
+                assert steps == stats.draft_tokens - stats.lookup_tokens, setting
+    assert predict(traces, grid[0], costs, [{n: _lookups(tr, n, 16) for n in (1, 2, 3)} for tr in traces])
 
 
 def _interrupt_on(monkeypatch, when):
@@ -188,7 +223,8 @@ def _interrupt_on(monkeypatch, when):
 
 
 def test_an_interrupted_bench_resumes_where_it_stopped(model_dirs, bench_inputs, tmp_path, monkeypatch):
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "2")
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "trim@40", "--per-category", "2",
+                      "--baseline", "2", "--repeats", "2")  # fmt: skip
     with monkeypatch.context() as m:  # 4 warm-ups, then killed at the 7th run: 6 runs are logged
         _interrupt_on(m, lambda calls: len(calls) == 4 + 7)
         assert CliRunner().invoke(cli, args).exit_code != 0
@@ -199,47 +235,56 @@ def test_an_interrupted_bench_resumes_where_it_stopped(model_dirs, bench_inputs,
     calls = _interrupt_on(monkeypatch, lambda calls: False)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "6 runs done" in result.output and len(calls) == 4 + 24 - 6
+    assert "6 runs done" in result.output and len(calls) == 4 + 48 - 6
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert len(report["runs"]) == 24 and not log.exists()
-    logged = [json.loads(line)["run"] for line in lines[1:]]
-    assert [r["seconds"] for r in report["runs"][:6]] == [r["seconds"] for r in logged]
+    assert len(report["runs"]) == 48 and not log.exists()
+    logged = {(r["question_id"], r["method"], r["repeat"]): r["seconds"] for r in
+              (json.loads(line)["run"] for line in lines[1:])}  # fmt: skip
+    assert all(r["seconds"] == logged[(r["question_id"], r["method"], r["repeat"])] for r in report["runs"]
+               if (r["question_id"], r["method"], r["repeat"]) in logged)  # fmt: skip
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "holds a finished bench: pass --force" in again.output
 
 
-def test_an_interrupted_auto_bench_keeps_its_choice(model_dirs, bench_inputs, tmp_path, monkeypatch):
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "2", "--auto")
+def test_an_interrupted_auto_bench_keeps_its_tuning(model_dirs, bench_inputs, tmp_path, monkeypatch):
+    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "", "--k", "40", "--per-category", "2",
+                      "--auto", "--no-save-profile")  # fmt: skip
     with monkeypatch.context() as m:  # killed at the second benchmarked question, after tuning
         _interrupt_on(m, lambda calls: calls.count("target") == 3)
         assert CliRunner().invoke(cli, args).exit_code != 0
-    tuned = json.loads((tmp_path / "bench.partial.jsonl").read_text().splitlines()[1])["auto"]
-    calls = _interrupt_on(monkeypatch, lambda calls: False)
+    tuned = json.loads((tmp_path / "bench.partial.jsonl").read_text().splitlines()[1])["tune"]
+    import mlx_vocabtrim.bench as b
+
+    monkeypatch.setattr(b, "_tune", lambda *a, **k: pytest.fail("tuning ran again"))
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "full@6" not in calls, "the tuning is not run again"
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["auto"]["choice"] == tuned["choice"]
+    assert json.loads((tmp_path / "bench.json").read_text())["tune"]["choice"] == tuned["choice"]
 
 
 def test_a_leftover_bench_with_other_settings_is_refused(model_dirs, bench_inputs, tmp_path):
     (tmp_path / "bench.partial.jsonl").write_text('{"config": {"max_tokens": 5}}\n')
-    result = CliRunner().invoke(cli, bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40"))
+    result = CliRunner().invoke(cli, bench_args(model_dirs, bench_inputs, tmp_path, "--baseline", "2"))
     assert result.exit_code == 1 and "unfinished bench with other settings" in result.output
     assert "Traceback" not in result.output
 
 
-def test_adaptive_drafting_in_the_sweep(model_dirs, bench_inputs, tmp_path):
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--k", "40", "--per-category", "1",
-                      "--num-draft-tokens", "5", "--draft-threshold", "0.01")  # fmt: skip
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output  # greedy outputs checked against the target
-    report = json.loads((tmp_path / "bench.json").read_text())
-    full, spec = report["summary"]["full"], report["summary"]["mlx-lm-spec@5"]
-    assert full["draft_threshold"] == 0.01 and spec["draft_threshold"] == 0.0
-    assert full["drafts_per_call"] < 5 == spec["drafts_per_call"], "the threshold cut some rounds short"
-    assert f"| full | 320 | <= 5, {full['drafts_per_call']:.2f} mean |" in (tmp_path / "bench.md").read_text()
+def test_a_mismatch_fails_loudly():
+    def run(method, tokens):
+        return Run(method, "c", 1, 0, 5, len(tokens), 1.0, 2, 0.5, 2, 0, 0, 0, 0, tokens)
+
+    mismatch = check_lossless([run("target", [1, 2, 3]), run("trim@8", [1, 2, 4])])
+    assert "trim@8 (repeat 0) differs from the target on question 1 at token 2" in mismatch
+    assert check_lossless([run("target", [1, 2, 3]), run("trim@8", [1, 2, 3])]) is None
 
 
-def test_draft_threshold_out_of_range_is_refused(model_dirs, bench_inputs, tmp_path):
-    result = CliRunner().invoke(cli, bench_args(model_dirs, bench_inputs, tmp_path, "--draft-threshold", "-0.1"))
-    assert result.exit_code == 1 and "--draft-threshold -0.1 is out of range" in result.output
-    assert "Traceback" not in result.output
+def test_step_bytes_leave_out_the_input_embedding_and_the_kept_full_head():
+    model = make_model("qwen2", seed=51)
+    full = step_bytes(model)
+    assert full == sum(v.nbytes for k, v in _flat(model) if not k.startswith("model.embed_tokens"))
+    assert full - step_bytes(trimmed_copy(model, list(range(20)))) == (320 - 20) * 64 * 4
+
+
+def _flat(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
