@@ -439,7 +439,7 @@ def plot(summary: dict[str, dict], baseline: str, path: Path) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel(f"decode tokens/s over {baseline} (95% interval)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long method names widen the figure
     plt.close(fig)
     return True
 

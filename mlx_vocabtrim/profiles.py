@@ -19,9 +19,9 @@ SAMPLE = 1 << 16  # bytes read from each end of a weight file to tell models apa
 class Setting:
     """How our generator runs; k None is the full (untrimmed) head."""
 
-    k: int | None = 32768
-    num_draft_tokens: int = 8
-    draft_threshold: float = 0.7
+    k: int | None = 16384
+    num_draft_tokens: int = 7
+    draft_threshold: float = 0.6
     context_head: bool = True
     lookup_ngram: int = 0
     lookup_tokens: int = 8
