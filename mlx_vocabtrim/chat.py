@@ -4,7 +4,16 @@ import click
 
 from .errors import VocabTrimError
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
-from .options import check_utf8, count_option, draft_options, seed_option, temp_option, text_option, top_p_option
+from .options import (
+    check_utf8,
+    count_option,
+    draft_options,
+    pair_options,
+    seed_option,
+    temp_option,
+    text_option,
+    top_p_option,
+)
 
 
 def _read_line() -> str | None:
@@ -19,8 +28,7 @@ def _read_line() -> str | None:
 
 
 @click.command()
-@click.option("--model", default=None, help=f"Target model [default: {DEFAULT_TARGET} with drafter {DEFAULT_DRAFTER}].")
-@click.option("--draft-model", default=None, help="Drafter ('none': the target alone).")
+@pair_options(DEFAULT_TARGET, DEFAULT_DRAFTER)
 @draft_options
 @text_option("--system-prompt", default=None, help="System message.")
 @count_option("--max-tokens", 512, "Most tokens per reply.")

@@ -20,6 +20,7 @@ from .options import (
     draft_threshold_option,
     force_option,
     num_draft_tokens_option,
+    pair_options,
     seed_option,
     temp_option,
     text_option,
@@ -111,12 +112,7 @@ cli.add_command(bench_serve)
 
 
 @cli.command(name="generate", cls=OneLineCommand)
-@click.option("--model", default=None,
-              help=f"Target: Hugging Face id, mlx-lm directory, .gguf file or packaged name [default: "
-                   f"{DEFAULT_TARGET}, with drafter {DEFAULT_DRAFTER}].")  # fmt: skip
-@click.option("--draft-model", default=None,
-              help="Drafter sharing the target's tokenizer; 'none' decodes with the target alone (the default "
-                   "when only --model is given).")  # fmt: skip
+@pair_options(DEFAULT_TARGET, DEFAULT_DRAFTER)
 @draft_options
 @click.option("--prompt", "-p", default=DEFAULT_PROMPT, show_default=True,
               help="Message to the model; '-' reads it from stdin.")  # fmt: skip

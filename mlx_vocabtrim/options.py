@@ -113,6 +113,21 @@ def force_option(what: str = "an existing --out"):
     return click.option("--force", is_flag=True, help=f"Replace {what} (inputs are never replaced).")
 
 
+def pair_options(target: str, drafter: str) -> Callable:
+    """--model and --draft-model of the commands that run a pair through `resolve.load_for`
+    (generate, chat, serve); unset, the packaged pair `target` and `drafter`."""
+
+    def decorate(command: Callable) -> Callable:
+        command = click.option("--draft-model", default=None,
+                               help="Drafter sharing the target's tokenizer; 'none' decodes with the target alone "
+                                    "(the default when only --model is given).")(command)  # fmt: skip
+        return click.option("--model", default=None,
+                            help=f"Target: Hugging Face id, mlx-lm directory, .gguf file or packaged name [default: "
+                                 f"{target}, with drafter {drafter}].")(command)  # fmt: skip
+
+    return decorate
+
+
 def draft_options(command: Callable) -> Callable:
     """--vocab, --k, --num-draft-tokens, --draft-threshold, --context-head, --lookup-ngram,
     --lookup-tokens: left unset, they come from the pair's profile (see `--verbose`)."""

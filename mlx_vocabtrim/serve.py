@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import VocabTrimError, first_line
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
-from .options import MAX_SEED, count_option, draft_options
+from .options import MAX_SEED, count_option, draft_options, pair_options
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20  # a body up to this is read to its end before a 413, so the client sees the answer
@@ -657,8 +657,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 @click.command()
-@click.option("--model", default=None, help=f"Target model [default: {DEFAULT_TARGET} with drafter {DEFAULT_DRAFTER}].")
-@click.option("--draft-model", default=None, help="Drafter ('none': the target alone).")
+@pair_options(DEFAULT_TARGET, DEFAULT_DRAFTER)
 @draft_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 opens the server to the network).")  # fmt: skip
