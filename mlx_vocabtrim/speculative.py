@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -23,6 +23,7 @@ from .errors import VocabTrimError
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
 from .options import check_draft_threshold, check_lookup, check_num_draft_tokens, check_temp, check_top_p
+from .rollback import check_rollback, offset, rewind, save
 from .trim import head_rows
 
 
@@ -78,9 +79,11 @@ def _prefill(model: nn.Module, cache: list, tokens: mx.array, step: int) -> None
     mx.clear_cache()
 
 
-def _offset(cache: list) -> int:
-    """Tokens a prompt cache holds (0 when its layers do not say)."""
-    return int(getattr(cache[0], "offset", 0)) if cache else 0
+def _catch_up(model: nn.Module, cache: list, pending: list[int], step: int) -> None:
+    """Feed a reused cache the pending tokens but the last, as the next call expects: the caller
+    names only the tokens it holds, and a cache whose layers count no tokens cannot be told apart."""
+    if len(pending) > 1:
+        _prefill(model, cache, mx.array(pending[:-1], mx.uint32), step)
 
 
 def _first_rejected(flags: Sequence[bool]) -> int:
@@ -186,11 +189,11 @@ def speculative_generate_step(
         target_cache = make_prompt_cache(model)
         draft_cache = [] if draft_model is None else make_prompt_cache(draft_model)
     else:
-        target_cache = prompt_cache[: len(model.layers)]
-        draft_cache = prompt_cache[len(model.layers) :]
-    speculating = draft_model is not None or lookup_ngram > 0
-    if speculating and not can_trim_prompt_cache(target_cache + draft_cache):
-        raise VocabTrimError("speculative decoding needs trimmable KV caches: use mlx-lm's default KVCache")
+        split = len(make_prompt_cache(model))
+        target_cache, draft_cache = prompt_cache[:split], prompt_cache[split:]
+    if draft_model is not None or lookup_ngram > 0:
+        check_rollback(target_cache, "target")
+        check_rollback(draft_cache, "drafter")
     sampling = temp > 0
     track = draft_threshold > 0 or stats.confidences is not None
     history = [*context, *prompt.tolist()]
@@ -229,39 +232,56 @@ def speculative_generate_step(
                 mx.async_eval(y)
         return ids, rows, confidence[1:]
 
-    lag = _offset(target_cache) - _offset(draft_cache) if draft_model is not None and context else 0
+    lag = 0
+    if draft_model is not None and context:
+        held, drafted = offset(target_cache), offset(draft_cache)
+        lag = held - drafted if held is not None and drafted is not None else 0
     if not 0 <= lag <= len(context):
-        raise VocabTrimError(f"the drafter's cache is {lag} tokens behind the target's, but `context` names "
-                             f"{len(context)}: pass the tokens the target's cache holds as `context`")  # fmt: skip
+        raise VocabTrimError(
+            f"the drafter's cache is {lag} tokens behind the target's, but `context` names {len(context)}: "
+            "pass the tokens the target's cache holds as `context`"
+        )
     _prefill(model, target_cache, prompt[:-1], prefill_step_size)
     if draft_model is not None:
         behind = mx.array(list(context[len(context) - lag :]), mx.uint32) if lag else prompt[:0]
         _prefill(draft_model, draft_cache, mx.concatenate([behind, prompt[:-1]]), prefill_step_size)
-    last = history[-1]
-    pending = [last] if draft_model is not None else []  # context tokens the drafter has not processed
+    # Context tokens each model has not processed yet (the last one always): one for the target,
+    # unless a recurrent layer went back to the round's start; the drafter's lag a round behind.
+    target_pending = [history[-1]]
+    pending = [history[-1]] if draft_model is not None else []
     emitted = 0
-    gamma = fed = 0
+    gamma = fed = passes = 0
+    target_saved: list = []
+    draft_saved: list = []
     open_round = None
 
-    def settle(kept: int) -> None:
-        """Keep `kept` of this round's proposals in the caches: the target holds the context but
-        its last token; the drafter what it processed of that."""
-        trim_prompt_cache(target_cache, gamma - kept)
-        if fed:
-            trim_prompt_cache(draft_cache, fed - min(fed, len(pending) + kept))
+    def settle(kept: int, tokens: list[int]) -> None:
+        """Keep `kept` of this round's proposals, after which `tokens` were emitted: the target
+        holds the context but its pending tokens, the drafter what it processed of that."""
+        nonlocal target_pending, pending
+        held = len(target_pending)
+        held = rewind(target_cache, target_saved, held + gamma, held + kept, one_pass=True)
+        target_pending = (target_pending + tokens)[held:]
+        if draft_model is not None:
+            held = rewind(draft_cache, draft_saved, fed, min(fed, len(pending) + kept), one_pass=passes == 1)
+            pending = (pending + tokens)[held:]
 
     try:
         while max_tokens < 0 or emitted < max_tokens:
             budget = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens + lookup_tokens
             copied = lookup.propose(min(lookup_tokens, budget)) if lookup is not None else []
             count = 0 if head is None else max(0, min(num_draft_tokens, budget) - len(copied))
+            draft_saved = save(draft_cache) if count else []
             ids, rows, confidence = draft(pending + copied, count) if count else ([], [], [])
             gamma = len(copied) + len(ids)
             fed = len(pending) + len(copied) + len(ids) - 1 if ids else 0
+            passes = len(ids)
             if stats.confidences is not None:
                 stats.confidences.append(confidence)
             proposals = mx.concatenate([mx.array(copied, mx.uint32), *ids]) if gamma else mx.array([], mx.uint32)
-            logits = model(mx.concatenate([mx.array([last], mx.uint32), proposals])[None], cache=target_cache)[0]
+            target_saved = save(target_cache) if gamma else []
+            inputs = mx.concatenate([mx.array(target_pending, mx.uint32), proposals])
+            logits = model(inputs[None], cache=target_cache)[0, -gamma - 1 :]
             if bias is not None:
                 logits = logits + bias
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -293,10 +313,7 @@ def speculative_generate_step(
                 stats.accepted_tokens += j < n
                 yield token, logprobs[j], j < n
             open_round = None
-            settle(n)
-            if draft_model is not None:
-                pending = (pending + tokens)[min(fed, len(pending) + n) :]
-            last = tokens[-1]
+            settle(n, tokens)
             if lookup is not None:
                 lookup.extend(tokens)
             if head is not None:
@@ -305,7 +322,11 @@ def speculative_generate_step(
             gamma = fed = 0
     finally:
         if open_round is not None:
-            settle(open_round)
+            settle(open_round, tokens[: open_round + 1])
+        if prompt_cache is not None:
+            _catch_up(model, target_cache, target_pending, prefill_step_size)
+            if draft_model is not None and offset(draft_cache) is None:
+                _catch_up(draft_model, draft_cache, pending, prefill_step_size)
 
 
 def stream_generate(

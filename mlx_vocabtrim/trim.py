@@ -55,19 +55,74 @@ def _bytes(layer: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(layer.parameters()))
 
 
+class TiedHead(nn.Module):
+    """A tied embedding whose output side scores only the kept rows: for models whose logits
+    always come from `embed_tokens.as_linear` (Cohere 2, LFM2, ...), so that their own scaling
+    or soft-capping of the logits still applies, row by row."""
+
+    def __init__(self, embedding: nn.Module, head: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+        self.head = head
+
+    @property
+    def weight(self) -> mx.array:
+        return self.embedding.weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.embedding(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.head(x)
+
+
+_EMBEDDINGS = ("model.embed_tokens", "language_model.model.embed_tokens", "backbone.embeddings")
+
+
+def _owner(model: nn.Module) -> nn.Module:
+    """The module holding the LM head and its tie flag (a wrapper's `language_model`, as in Qwen3.5)."""
+    inner = model.get("language_model")
+    return inner if isinstance(inner, nn.Module) and "model" in inner else model
+
+
+def _tied(owner: nn.Module) -> bool:
+    flag = getattr(owner, "tie_word_embeddings", None)  # Gemma 3 keeps it on the model, set from the weights
+    if isinstance(flag, bool):
+        return flag
+    return bool(getattr(getattr(owner, "args", None), "tie_word_embeddings", "lm_head" not in owner))
+
+
+def _embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(the module holding the input embedding, its name there, the embedding)."""
+    for path in _EMBEDDINGS:
+        *parents, name = path.split(".")
+        holder = model
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, nn.Module) else None
+        if isinstance(holder, nn.Module) and name in holder:
+            return holder, name, holder[name]
+    return None
+
+
 def _output_head(model: nn.Module) -> tuple[nn.Module, bool]:
     """The module that maps hidden states to logits, and whether it is the tied embedding."""
-    args = getattr(model, "args", None)
-    tied = bool(getattr(args, "tie_word_embeddings", False))
-    if not tied and "lm_head" in model:
-        return model["lm_head"], False
-    inner = model.get("model")
-    if inner is not None and "embed_tokens" in inner:
-        return inner["embed_tokens"], True
+    owner = _owner(model)
+    if "lm_head" in owner and not _tied(owner):
+        return owner["lm_head"], False
+    found = _embedding(model)
+    if found is not None:
+        embedding = found[2]
+        return (embedding.head, False) if isinstance(embedding, TiedHead) else (embedding, True)
     raise VocabTrimError(
         f"cannot find the output head of a {type(model).__module__} model: "
-        "only mlx-lm models with `lm_head` or tied `model.embed_tokens` can be trimmed"
+        "only mlx-lm models with `lm_head` or a tied input embedding can be trimmed"
     )
+
+
+def _scores(model: nn.Module, probe: mx.array, expected: mx.array) -> bool:
+    """Whether `model` now gives exactly `expected`: the untrimmed logits of the kept rows."""
+    logits = model(probe)
+    return logits.shape == expected.shape and mx.allclose(logits, expected, rtol=1e-4, atol=1e-4).item()
 
 
 def validate_keep_ids(keep_ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -118,9 +173,11 @@ def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int], keep_full_head
 
     The model then returns k logits per position; `draft_model.vocab_remap` (int32)
     maps each trimmed index back to a target token id and `draft_model.trim_record` holds
-    the replaced head's rows and bytes. A tied input embedding stays whole and a separate
-    sliced head is attached. An untied full head is released unless `keep_full_head`
-    (the context-aware head gathers the rows of a request's own ids from it).
+    the replaced head's rows and bytes. A tied input embedding stays whole and the sliced rows
+    score the output (`_attach_tied`); the model's own logit scaling or soft-capping still
+    applies, and a probe checks the trimmed logits are the full ones' kept rows. An untied full
+    head is released unless `keep_full_head` (the context-aware head gathers the rows of a
+    request's own ids from it).
     """
     if getattr(draft_model, "vocab_remap", None) is not None:
         raise VocabTrimError("this drafter is already trimmed: load a fresh drafter to trim again")
@@ -129,16 +186,53 @@ def trim_drafter(draft_model: nn.Module, keep_ids: Sequence[int], keep_full_head
     rows = mx.array(ids, dtype=mx.int32)
     sliced = slice_rows(head, rows)
     mx.eval(sliced.parameters())
+    owner = _owner(draft_model)
+    probe = mx.array([[0, 1]], mx.uint32)
+    expected = draft_model(probe)[..., rows]
     if tied:
-        draft_model.args.tie_word_embeddings = False
+        _attach_tied(draft_model, owner, head, sliced, probe, expected)
+    else:
+        owner["lm_head"] = sliced
+    if not _scores(draft_model, probe, expected):
+        raise VocabTrimError(
+            f"trimming a {type(draft_model).__module__} model's head did not change its logits: "
+            "this architecture cannot be trimmed; run it untrimmed"
+        )
     kept = head if keep_full_head or tied else None
-    draft_model["lm_head"] = sliced
     draft_model["vocab_remap"] = rows
     draft_model.trim_record = TrimRecord(_rows(head), _bytes(head), kept, tied)
     draft_model.head_split = None  # the head changed: heads.DraftHead checks the split again
     del head
     mx.clear_cache()
     return draft_model
+
+
+def _attach_tied(
+    model: nn.Module, owner: nn.Module, embedding: nn.Module, sliced: nn.Module, probe: mx.array, expected: mx.array
+) -> None:
+    """Score a tied head's kept rows: as a separate `lm_head` with the tie flag off where the model
+    reads the flag at call time (llama, qwen2, Gemma 3, ...: trimmed directories save it so),
+    otherwise (the model always calls `as_linear`) by wrapping the embedding in a `TiedHead`."""
+    args = getattr(owner, "args", None)
+    before = owner.get("lm_head"), getattr(args, "tie_word_embeddings", None), owner.__dict__.get("tie_word_embeddings")
+    owner["lm_head"] = sliced
+    if args is not None:
+        args.tie_word_embeddings = False
+    if "tie_word_embeddings" in owner.__dict__:
+        owner.tie_word_embeddings = False
+    if _scores(model, probe, expected):
+        return
+    head, flag, own_flag = before
+    if head is None:
+        del owner["lm_head"]
+    else:
+        owner["lm_head"] = head
+    if args is not None:
+        args.tie_word_embeddings = flag
+    if own_flag is not None:
+        owner.tie_word_embeddings = own_flag
+    holder, name, _ = _embedding(model)
+    holder[name] = TiedHead(embedding, sliced)
 
 
 def save_trimmed(
@@ -208,12 +302,26 @@ def load_draft(path: str | Path) -> tuple[nn.Module, Any]:
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
 
 
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy sharing `module`'s children and weights, with its own args (trimming edits the tie flag)."""
+    view = copy.copy(module)
+    if getattr(module, "args", None) is not None:
+        view.args = copy.copy(module.args)
+    return view
+
+
 def trimmed_copy(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     """A drafter sharing `draft_model`'s body and weights, with its own head trimmed to `keep_ids`.
 
     Lets one loaded drafter serve several k side by side (benchmarks) for the cost of the
     extra k-row heads only; the full head stays shared for context rows.
     """
-    view = copy.copy(draft_model)
-    view.args = copy.copy(draft_model.args)
+    view = _shallow(draft_model)
+    inner = view.get("language_model")
+    if isinstance(inner, nn.Module):
+        view["language_model"] = inner = _shallow(inner)
+    for holder in (view, inner):  # the modules trimming replaces a child of
+        for name in ("model", "backbone"):
+            if isinstance(holder, nn.Module) and name in holder:
+                holder[name] = copy.copy(holder[name])
     return trim_drafter(view, keep_ids, keep_full_head=True)
