@@ -21,12 +21,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_step
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .blas import blas_library
 from .errors import VocabTrimError
 from .files import write_text_whole
 from .profiles import Setting
+from .rollback import needs_restore
 from .speculative import SpecStats, speculative_generate_step
 from .trim import head_bytes, head_rows
 from .tune import PREFILL_STEP
@@ -112,25 +113,31 @@ def environment(model: nn.Module | None = None) -> dict:
     return env
 
 
-class CountingCache(KVCache):
-    """mlx-lm's KVCache that logs every forward pass through it: (offset before, tokens fed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.passes: list[tuple[int, int]] = []
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.passes.append((self.offset, keys.shape[2]))
-        return super().update_and_fetch(keys, values)
-
-
 def counting_cache(model: nn.Module) -> list:
-    """A fresh prompt cache for `model` whose first layer logs its passes."""
+    """A fresh prompt cache for `model` whose first attention layer logs every forward pass through
+    it as (offset before, tokens fed) in its `passes`."""
     cache = make_prompt_cache(model)
-    if type(cache[0]) is not KVCache:
-        raise VocabTrimError(f"bench counts passes through mlx-lm's KVCache: this model uses {type(cache[0]).__name__}")
-    cache[0] = CountingCache()
+    if needs_restore(cache):
+        raise VocabTrimError(
+            "bench counts passes through attention caches, and a recurrent model's rounds feed accepted tokens "
+            "again: run this model with generate or serve (bench supports full-attention and sliding-window models)"
+        )
+    layer = next((c for c in cache if isinstance(c, (KVCache, RotatingKVCache))), None)
+    if layer is None:
+        raise VocabTrimError(f"bench counts passes through a KVCache: this model has {type(cache[0]).__name__} only")
+    layer.passes = []
+    update = layer.update_and_fetch
+
+    def logged(keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        layer.passes.append((layer.offset, keys.shape[2]))
+        return update(keys, values)
+
+    layer.update_and_fetch = logged
     return cache
+
+
+def _passes(cache: list) -> list[tuple[int, int]]:
+    return next((c.passes for c in cache if hasattr(c, "passes")), [])
 
 
 def count_passes(target: list[tuple[int, int]], drafter: list[tuple[int, int]], prompt: int, emitted: int):
@@ -202,7 +209,7 @@ def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: 
     gen.close()
     mx.synchronize()
     end = time.perf_counter()
-    calls, drafted, steps = count_passes(target_cache[0].passes, draft_cache[0].passes if draft_cache else [],
+    calls, drafted, steps = count_passes(_passes(target_cache), _passes(draft_cache),
                                          len(prompt), len(tokens))  # fmt: skip
     decode_tokens = len(tokens) - first_round if first_round else 0
     kept = tokens[:-1] if tokens and tokens[-1] in eos else tokens

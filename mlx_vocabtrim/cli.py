@@ -158,7 +158,7 @@ def generate(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, co
 @count_option("--q-group-size", 64, "Group size when quantizing (32, 64 or 128).", 32, 128)
 @force_option("an existing --out directory")
 def convert(gguf, out, dtype, quantize, q_bits, q_group_size, force):
-    """Convert a llama.cpp GGUF file (llama or qwen2) into an mlx-lm directory."""
+    """Convert a llama.cpp GGUF file (llama, qwen2 or gemma3) into an mlx-lm directory."""
     from .convert import QUANT_BITS, QUANT_GROUPS
     from .models import convert_with_progress
 

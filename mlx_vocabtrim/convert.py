@@ -21,7 +21,7 @@ import numpy as np
 from .errors import VocabTrimError
 from .files import partial_dir
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 DTYPES = {"float32": (mx.float32, "F32"), "float16": (mx.float16, "F16"), "bfloat16": (mx.bfloat16, "BF16")}
 SHARD_BYTES = 2 << 30
@@ -43,6 +43,15 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 norms one more per layer and name the pre-feed-forward norm `ffn_norm`
+_GEMMA3_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -55,13 +64,14 @@ def default_dtype() -> str:
     return "float16" if mx.default_device() == mx.gpu else "float32"
 
 
-def hf_name(name: str) -> str | None:
-    """The mlx-lm/Hugging Face name of a llama.cpp tensor; None for ones to skip."""
+def hf_name(name: str, arch: str = "llama") -> str | None:
+    """The mlx-lm/Hugging Face name of a llama.cpp tensor of `arch`; None for ones to skip."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
+    names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in names:
+        return f"model.layers.{match.group(1)}.{names[match.group(2)]}"
     return None
 
 
@@ -92,7 +102,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def read_config(reader: Any) -> dict:
-    """mlx-lm config.json for the GGUF's architecture (llama or qwen2)."""
+    """mlx-lm config.json for the GGUF's architecture (llama, qwen2 or gemma3)."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise VocabTrimError(
@@ -123,7 +133,26 @@ def read_config(reader: Any) -> dict:
         config["head_dim"] = head_dim
     if "rope_freqs.weight" in names:
         config["rope_scaling"] = _llama3_rope_scaling(names["rope_freqs.weight"], config)
+    if arch == "gemma3":
+        config.update(_gemma3_config(reader, config, head_dim or hidden // heads))
     return config
+
+
+def _gemma3_config(reader: Any, config: dict, head_dim: int) -> dict:
+    """What mlx-lm's gemma3_text needs beyond llama's fields, as llama.cpp reads a Gemma 3 GGUF: every
+    sixth layer global, local rope base 10,000, queries scaled by the head size (27B: hidden / heads)."""
+    factor = _field(reader, "gemma3.rope.scaling.factor")
+    scale = config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62 else head_dim
+    return {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "head_dim": head_dim,
+        "sliding_window": _field(reader, "gemma3.attention.sliding_window", 512),
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": scale,
+        "rope_scaling": {"rope_type": "linear", "factor": float(factor)} if factor and factor != 1 else None,
+    }
 
 
 def _llama3_rope_scaling(tensor: Any, config: dict) -> dict:
@@ -187,7 +216,7 @@ def _plan(reader: Any, config: dict) -> list[tuple[str, Any, list[int], Callable
     """(output name, GGUF tensor, shape, row transform) for every tensor mlx-lm needs."""
     plan = []
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, config["model_type"].removesuffix("_text"))
         if name is None:
             if tensor.name != "rope_freqs.weight":
                 raise VocabTrimError(f"GGUF tensor {tensor.name} is not a {config['model_type']} weight")
@@ -198,6 +227,8 @@ def _plan(reader: Any, config: dict) -> list[tuple[str, Any, list[int], Callable
             transform = lambda a: _unpermute(a, config["num_attention_heads"])  # noqa: E731
         elif config["model_type"] == "llama" and ".self_attn.k_proj." in name:
             transform = lambda a: _unpermute(a, config["num_key_value_heads"])  # noqa: E731
+        elif config["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
+            transform = lambda a: a - 1.0  # noqa: E731  llama.cpp stores Gemma's 1 + w
         plan.append((name, tensor, shape, transform))
     return plan
 
@@ -241,7 +272,7 @@ def _write_shards(plan: list, out: Path, dtype_name: str, progress: Callable[[in
 
 def write_tokenizer(reader: Any, arch: str, out: Path) -> None:
     """Hugging Face tokenizer files rebuilt from the GGUF tables, checked id by id."""
-    from tokenizers import normalizers
+    from tokenizers import normalizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
@@ -262,12 +293,19 @@ def write_tokenizer(reader: Any, arch: str, out: Path) -> None:
     if arch == "qwen2" and backend.normalizer is None:
         backend.normalizer = normalizers.NFC()  # as Qwen2's reference tokenizer.json
     tokens = table["tokens"]
-    mismatch = next((i for i, t in enumerate(tokens) if backend.id_to_token(i) != t), None)
+    # SentencePiece vocabularies spell spaces "▁"; llama.cpp writes Gemma's whitespace-run tokens with spaces
+    spelled = (lambda t: t.replace(" ", "\u2581")) if table.get("tokenizer_type") == "llama" else (lambda t: t)
+    mismatch = next((i for i, t in enumerate(tokens) if backend.id_to_token(i) != spelled(t)), None)
     if mismatch is not None or backend.get_vocab_size() != len(tokens):
         raise VocabTrimError(f"converted tokenizer differs from the GGUF table at id {mismatch}: file is not supported")
     tokens_of = {k: tokens[table[f"{k}_id"]] for k in ("eos_token", "pad_token", "unk_token") if f"{k}_id" in table}
     if _field(reader, "tokenizer.ggml.add_bos_token", False) and "bos_token_id" in table:
-        tokens_of["bos_token"] = tokens[table["bos_token_id"]]
+        bos = tokens_of["bos_token"] = tokens[table["bos_token_id"]]
+        if backend.encode("a").ids[:1] != [table["bos_token_id"]]:  # encoding adds it, as llama.cpp does
+            pair = f"{bos} $A {bos} $B"
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=pair, special_tokens=[(bos, table["bos_token_id"])]
+            )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **tokens_of)
     template = _field(reader, "tokenizer.chat_template")
     if template:
@@ -317,7 +355,7 @@ def convert_gguf(
         float_dir.mkdir(exist_ok=True)
         config["torch_dtype"] = dtype
         (float_dir / "config.json").write_text(json.dumps(config, indent=2))
-        write_tokenizer(reader, config["model_type"], float_dir)
+        write_tokenizer(reader, _field(reader, "general.architecture"), float_dir)
         _write_shards(plan, float_dir, dtype, advance)
         if quantize:
             from mlx_lm import convert as mlx_lm_convert

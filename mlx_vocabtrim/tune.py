@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import VocabTrimError
 from .heads import DraftHead
 from .lookup import PromptLookup
 from .profiles import Setting
+from .rollback import needs_restore, rewind, save
 from .speculative import _prefill, speculative_generate_step
 from .trim import head_rows, trimmed_copy
 
@@ -247,14 +248,20 @@ def measure_costs(
 
     def step(run: Callable[[list], mx.array], cache: list, n: int) -> Callable[[], mx.array]:
         def call() -> mx.array:
+            saved = save(cache)
             out = run(cache)
             mx.eval(out)
-            trim_prompt_cache(cache, n)
+            rewind(cache, saved, n, 0, one_pass=True)
             return out
 
         return call
 
     cache = make_prompt_cache(model)
+    if needs_restore(cache) or any(needs_restore(make_prompt_cache(d)) for d in drafters.values()):
+        raise VocabTrimError(
+            "tuning does not yet price the tokens a recurrent model's rounds feed again: this model runs with "
+            "its built-in settings in generate, chat and serve"
+        )
     _prefill(model, cache, mx.array(context, mx.uint32), PREFILL_STEP)
     points = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 25) if n <= max_verify} | {max_verify})
     verify, slowest = {}, 0.0

@@ -16,6 +16,14 @@ WINDOW = 8
 
 _MAMBA = {"mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_n_groups": 1}
 CONFIGS: dict[str, dict] = {
+    "llama": {  # plain KVCache, for comparison
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+    },
     "gemma3_text": {
         "hidden_size": 64,
         "num_hidden_layers": 4,
@@ -215,13 +223,14 @@ def arch_config(
     return config
 
 
-def make_arch(arch: str, seed: int = 0, **kwargs) -> nn.Module:
+def make_arch(arch: str, seed: int = 0, embed: float | None = None, **kwargs) -> nn.Module:
     """A random model of mlx-lm's class for `arch` (`arch_config`'s options), its weights scaled by
-    `SCALES` (larger embeddings give peaked logits)."""
+    `SCALES` or `embed` (larger embeddings give peaked logits)."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(arch_config(arch, **kwargs)))
-    embed, matrix = SCALES.get(arch, (4, 1))
+    factor, matrix = SCALES.get(arch, (4, 1))
+    embed = factor if embed is None else embed
     weights = [
         (k, v * embed if "embed" in k else v * matrix if v.ndim == 2 else v)
         for k, v in tree_flatten(model.parameters())
