@@ -209,7 +209,7 @@ def calibrate_command(model, draft_model, source, data, num_prompts, max_tokens,
     )
     from .models import load_model, load_tokenizer
     from .trim import head_rows
-    from .vocab import save_vocab, tokenizer_fingerprint
+    from .vocab import family_fingerprint, save_vocab, tokenizer_fingerprint
 
     check_output(out, inputs=[data], force=force)
     rank = mx.distributed.init().rank()  # under mlx.launch only rank 0 writes
@@ -239,7 +239,8 @@ def calibrate_command(model, draft_model, source, data, num_prompts, max_tokens,
                                advance, resume)  # fmt: skip
         if rank != 0:
             return
-        metadata = {**settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "target": model,
+        metadata = {**settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                    **family_fingerprint(tokenizer), "target": model,
                     "prompts_counted": len(records), "tokens_counted": int(counts.sum()),
                     "command": command_line(), "tool_version": __version__}  # fmt: skip
         save_vocab(out, counts, metadata)

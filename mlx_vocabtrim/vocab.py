@@ -42,6 +42,31 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _digest(_token_table(tokenizer, padding=False))
 
 
+def _base_table(tokenizer: Any) -> list[str]:
+    """The token table without the tokenizer's added tokens (its specials and the control tokens a
+    release adds to a BPE vocabulary), ids kept: added ids inside are blanked, trailing ones cut."""
+    added = getattr(tokenizer, "get_added_vocab", None)
+    added = set(added().values()) if callable(added) else set()
+    table = ["" if i in added else t for i, t in enumerate(_token_table(tokenizer, padding=False))]
+    while table and not table[-1]:
+        table.pop()
+    return table
+
+
+def family_fingerprint(tokenizer: Any) -> dict:
+    """The base vocabulary's hash and size: equal for the releases of a family that keep their BPE
+    vocabulary and differ only in added tokens (Qwen 1.5 to Qwen 3), different for any other."""
+    table = _base_table(tokenizer)
+    return {"base_fingerprint": _digest(table), "base_size": len(table)}
+
+
+def _family_match(vocab: dict, tokenizer: Any) -> bool:
+    meta = vocab["metadata"]
+    return "base_fingerprint" in meta and {k: meta.get(k) for k in ("base_fingerprint", "base_size")} == (
+        family_fingerprint(tokenizer)
+    )
+
+
 def _fingerprints(tokenizer: Any) -> set[str]:
     """This tokenizer's fingerprint and the one files written before padding was left out carry."""
     return {tokenizer_fingerprint(tokenizer), _digest(_token_table(tokenizer, padding=True))}
@@ -120,8 +145,11 @@ def rank_ids(counts: np.ndarray) -> list[int]:
 
 
 def check_vocab(vocab: dict, path: str | Path, tokenizer: Any) -> None:
-    """Refuse a vocab file made for another tokenizer (fingerprint) or covering too few ids."""
+    """Refuse a vocab file made for another tokenizer (fingerprint, or the base vocabulary of its
+    family) or covering too few ids."""
     if vocab["metadata"]["tokenizer_fingerprint"] not in _fingerprints(tokenizer):
+        if _family_match(vocab, tokenizer):
+            return
         raise VocabTrimError(
             f"vocab file {path} was made for another tokenizer: calibrate a vocab with this target's tokenizer"
         )
@@ -135,8 +163,14 @@ def check_vocab(vocab: dict, path: str | Path, tokenizer: Any) -> None:
 def ranked_for(vocab: dict, path: str | Path, tokenizer: Any) -> list[int]:
     """A loaded vocab's ids best first, checked against `tokenizer`, without the padded rows past it."""
     check_vocab(vocab, path, tokenizer)
+    counts = vocab["counts"]
+    if vocab["metadata"]["tokenizer_fingerprint"] not in _fingerprints(tokenizer):
+        # same base vocabulary, other added tokens: only the base ids' counts carry over (the file's
+        # added ids may be other tokens here); this tokenizer's specials are kept by `keep_ids`
+        added = set(range(len(counts))) - {i for i, t in enumerate(_base_table(tokenizer)) if t}
+        counts = np.where(np.isin(np.arange(len(counts)), list(added)), 0, counts)
     size = real_size(tokenizer)
-    return [i for i in rank_ids(vocab["counts"]) if i < size]
+    return [i for i in rank_ids(counts) if i < size]
 
 
 def keep_ids(ranked: Sequence[int], k: int, rows: int, tokenizer: Any) -> list[int]:
@@ -170,21 +204,25 @@ def vocab_dirs() -> list[Path]:
 
 
 @functools.cache
-def _fingerprint_of(path: Path, mtime: float) -> str | None:
+def _fingerprints_of(path: Path, mtime: float) -> tuple[str | None, tuple | None]:
+    """A vocab file's tokenizer fingerprint and (base fingerprint, base size), None where absent."""
     try:
-        return load_vocab(path)["metadata"]["tokenizer_fingerprint"]
+        meta = load_vocab(path)["metadata"]
     except VocabTrimError:
-        return None
+        return None, None
+    base = (meta["base_fingerprint"], meta.get("base_size")) if "base_fingerprint" in meta else None
+    return meta["tokenizer_fingerprint"], base
 
 
 def find_vocab(tokenizer: Any) -> Path | None:
-    """The first vocab file in `vocab_dirs()` made with this tokenizer, or None."""
+    """The first vocab file in `vocab_dirs()` made with this tokenizer, else the first made with a
+    tokenizer of the same base vocabulary (`family_fingerprint`), or None."""
     prints = _fingerprints(tokenizer)
-    for folder in vocab_dirs():
-        for path in sorted(folder.glob("*.vocab.json*")) if folder.is_dir() else []:
-            if _fingerprint_of(path, path.stat().st_mtime) in prints:
-                return path
-    return None
+    family = tuple(family_fingerprint(tokenizer).values())
+    files = [p for folder in vocab_dirs() if folder.is_dir() for p in sorted(folder.glob("*.vocab.json*"))]
+    found = [(p, *_fingerprints_of(p, p.stat().st_mtime)) for p in files]
+    exact = next((p for p, fingerprint, _ in found if fingerprint in prints), None)
+    return exact or next((p for p, _, base in found if base == family), None)
 
 
 def select_keep_ids(ranked: Sequence[int], k: int, vocab_size: int, always_keep: Iterable[int] = ()) -> list[int]:

@@ -67,7 +67,7 @@ def noisy_copy(model: nn.Module, arch: str, scale: float, seed: int, **kwargs) -
     return copy
 
 
-def build_tokenizer(out: Path, specials: list[str] = SPECIALS) -> None:
+def build_tokenizer(out: Path, specials: list[str] = SPECIALS, text: list[str] = TEXT) -> None:
     """Train a byte-level BPE on fixed text and save it as a Hugging Face tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -81,7 +81,7 @@ def build_tokenizer(out: Path, specials: list[str] = SPECIALS) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TEXT, trainer)
+    tok.train_from_iterator(text, trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out)

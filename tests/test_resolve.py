@@ -10,14 +10,15 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from conftest import make_model, model_config, save_model
+from conftest import build_tokenizer, make_model, model_config, save_model
 from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_vocabtrim import VocabTrimError, blas, load, save_vocab, speculative_generate_step, tokenizer_fingerprint
 from mlx_vocabtrim.cli import cli
 from mlx_vocabtrim.models import cache_dir
 from mlx_vocabtrim.profiles import Setting, find_profile, model_key, save_profile
-from mlx_vocabtrim.vocab import find_vocab, real_size
+from mlx_vocabtrim.vocab import find_vocab, keep_ids, load_vocab, real_size
 
 
 @pytest.fixture
@@ -185,3 +186,41 @@ def test_model_keys_tell_weights_apart_and_survive_a_copy(model_dirs, tmp_path):
     assert model_key("mlx-community/Qwen2.5-7B-Instruct-4bit", "mlx-community/Qwen2.5-7B-Instruct-4bit").startswith(
         "mlx-community/"
     )
+
+
+def test_a_release_that_only_adds_tokens_shares_its_familys_vocab(tokenizer, tokenizer_dir, tmp_path, vocab_dir):
+    """A vocab made for one release serves a later one with the same BPE vocabulary and more added
+    tokens (as Qwen 1.5 to Qwen 3 are): found by its base vocabulary, with the counts of ids that are
+    added tokens here dropped and this release's specials kept; a tokenizer trained on other text
+    never matches."""
+    from transformers import AutoTokenizer
+
+    from mlx_vocabtrim.vocab import family_fingerprint, ranked_for
+
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    later = TokenizerWrapper(hf)
+    assert tokenizer_fingerprint(later) != tokenizer_fingerprint(tokenizer)
+    assert family_fingerprint(later) == family_fingerprint(tokenizer)
+    folder = vocab_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "first.vocab.json.gz"
+    counts = [1000 if i == 2 else 320 - i for i in range(320)]  # id 2, an added token (<|im_end|>), counted most
+    save_vocab(
+        path, counts, {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **family_fingerprint(tokenizer)}
+    )
+    assert find_vocab(later) == path
+    doc = load_vocab(path)
+    ranked = ranked_for(doc, path, later)
+    assert ranked[0] == 3 and ranked.index(2) > 300, "added ids' counts do not carry over"
+    assert set(keep_ids(ranked, 8, real_size(later), later)) >= {later.convert_tokens_to_ids("<think>"), 2}
+    ranked_here = ranked_for(doc, path, tokenizer)
+    assert ranked_here[0] == 2, "the release it was made for keeps every count"
+
+    other_dir = tmp_path / "other-tokenizer"
+    build_tokenizer(other_dir, text=["completely different training text, numbers 0123456789"] * 20)
+    other = TokenizerWrapper(AutoTokenizer.from_pretrained(other_dir))
+    assert family_fingerprint(other) != family_fingerprint(tokenizer)
+    assert find_vocab(other) is None
+    with pytest.raises(VocabTrimError, match="was made for another tokenizer"):
+        ranked_for(doc, path, other)
