@@ -623,3 +623,32 @@ def test_bench_serve_compares_both_servers_end_to_end(model_dirs, vocab_file, tm
     table = (out / "bench-serve.md").read_text()
     assert "| mlx-vocabtrim serve | 2 |" in table and "aggregate with 2 clients" in table
     assert table in result.output
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_5"])
+def test_sliding_window_and_hybrid_models_serve_the_targets_output(arch, tokenizer_dir, vocab_file, tmp_path):
+    """A sliding-window target (windows of 8 tokens, crossed by every reply) and a hybrid one, each with
+    a trimmed drafter of its family: every reply equals the target decoding alone, and no KV entries are
+    reused across requests (only plain KVCache reuse is bitwise exact)."""
+    from archs import NOISE, arch_config, make_arch, noisy
+
+    model = make_arch(arch, seed=1)
+    drafter = noisy(model, arch, NOISE.get(arch, 0.005), seed=2)
+    pair = (("target", model), ("drafter", drafter))
+    dirs = {name: save_model(m, arch_config(arch), tokenizer_dir, tmp_path / name) for name, m in pair}
+    loaded, tok = mlx_lm_load(str(dirs["target"]))
+    log = tmp_path / "server.log"
+    flags = ["--vocab", str(vocab_file), "--k", "200", "--num-draft-tokens", "4"]
+    proc, url = start(["--model", str(dirs["target"]), "--draft-model", str(dirs["drafter"]), *flags], log)
+    try:
+        for body in (CHAT, FOX, CHAT, TEXT, TURNS, TEXT):
+            path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+            status, answer, _ = post(url, path, body)
+            assert status == 200, answer
+            prompt = body.get("prompt") or tok.apply_chat_template(body["messages"], add_generation_prompt=True)
+            assert content(answer) == generate(loaded, tok, prompt, None, max_tokens=body["max_tokens"]), body
+            assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            assert answer["speculation"]["draft_tokens"] > answer["speculation"]["accepted_tokens"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
