@@ -106,7 +106,8 @@ def read_config(reader: Any) -> dict:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise VocabTrimError(
-            f"GGUF architecture {arch!r} is not supported: convert a {' or '.join(ARCHITECTURES)} model"
+            f"GGUF architecture {arch!r} is not supported: convert a {', '.join(ARCHITECTURES[:-1])} or "
+            f"{ARCHITECTURES[-1]} model"
         )
     names = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in names:

@@ -267,7 +267,8 @@ def test_trim_bad_inputs(model_dirs, target_vocab, tmp_path):
     doc = load_vocab(target_vocab)
     from mlx_vocabtrim import save_vocab
 
-    save_vocab(foreign, doc["counts"], {**doc["metadata"], "tokenizer_fingerprint": "sha256:other"})
+    other = {"tokenizer_fingerprint": "sha256:other", "base_fingerprint": "sha256:other-base"}
+    save_vocab(foreign, doc["counts"], {**doc["metadata"], **other})
     base = ["trim", "--draft-model", model_dirs["drafter"], "--out", tmp_path / "x"]
     for args, message in [
         (["--vocab", foreign, "--k", 10], "was made for another tokenizer"),

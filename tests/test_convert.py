@@ -176,7 +176,7 @@ def test_bad_files_get_clear_errors(tokenizer_dir, tmp_path):
         "cut.gguf": "is truncated",
         "magic.gguf": "is not a GGUF file (wrong magic)",
         "header.gguf": "truncated or corrupt",
-        "mistral.gguf": "GGUF architecture 'gemma' is not supported: convert a llama or qwen2 model",
+        "mistral.gguf": "GGUF architecture 'gemma' is not supported: convert a llama, qwen2 or gemma3 model",
         "missing.gguf": "does not exist",
     }
     for name, message in cases.items():
@@ -213,3 +213,74 @@ def test_real_packaged_drafter_converts_and_answers(tmp_path, monkeypatch):
     )
     text = generate(model, tokenizer, prompt, max_tokens=40)
     assert "def add(a, b)" in text
+
+
+GEMMA3_NAMES = {
+    **NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+
+
+def test_a_gemma3_gguf_converts_to_the_same_model(tokenizer_dir, tokenizer, tmp_path):
+    """Gemma 3 as llama.cpp writes it: norms stored as 1 + w, tied embedding, every sixth layer global,
+    the window in the header. The converted model gives the source's logits (F32 tensors) past its window."""
+    from mlx_lm.models import gemma3_text
+
+    config = {
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 6,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "head_dim": 16,
+        "num_key_value_heads": 2,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 8,
+        "sliding_window_pattern": 6,
+        "vocab_size": 320,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+    }
+    mx.random.seed(44)
+    source = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
+    source.tie_word_embeddings = True
+    source.load_weights([(k, v + 0.1 * mx.random.normal(v.shape)) for k, v in tree_flatten(source.parameters())])
+    writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma3")
+    writer.add_block_count(6)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(1e6)
+    writer.add_sliding_window(8)
+    tokens, merges, token_types = tokenizer_tables(tokenizer_dir)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    for name, value in tree_flatten(source.parameters()):
+        if name == "lm_head.weight":
+            continue  # tied
+        rest = name if name in GEMMA3_NAMES else name.split(".", 3)[3]
+        target = GEMMA3_NAMES[rest] if name in GEMMA3_NAMES else f"blk.{name.split('.')[2]}.{GEMMA3_NAMES[rest]}"
+        w = np.array(value, dtype=np.float32)
+        writer.add_tensor(target, w + 1 if target.endswith("norm.weight") else w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model, _ = load(str(convert_gguf(tmp_path / "g.gguf", tmp_path / "mlx", dtype="float32")))
+    written = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    assert written["model_type"] == "gemma3_text" and written["sliding_window_pattern"] == 6
+    ids = mx.array([list(range(3, 23))])  # 20 tokens: past the window of 8
+    assert mx.allclose(model(ids), source(ids), atol=1e-4).item()
