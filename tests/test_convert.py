@@ -72,6 +72,17 @@ def tokenizer_tables(tokenizer_dir):
     return tokens, merges, types
 
 
+def add_tokenizer(writer, tokenizer_dir) -> None:
+    """The test tokenizer's tables, as llama.cpp writes a BPE tokenizer."""
+    tokens, merges, token_types = tokenizer_tables(tokenizer_dir)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+
+
 def write_gguf(path, arch, model, tokenizer_dir, types=TYPES):
     """A GGUF of `model` as llama.cpp writes it; returns the dequantized weights it holds."""
     args = model.args
@@ -84,13 +95,7 @@ def write_gguf(path, arch, model, tokenizer_dir, types=TYPES):
     writer.add_head_count_kv(args.num_key_value_heads)
     writer.add_layer_norm_rms_eps(args.rms_norm_eps)
     writer.add_rope_freq_base(args.rope_theta)
-    tokens, merges, token_types = tokenizer_tables(tokenizer_dir)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    add_tokenizer(writer, tokenizer_dir)
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     held = {}
     for name, value in tree_flatten(model.parameters()):
@@ -261,13 +266,7 @@ def test_a_gemma3_gguf_converts_to_the_same_model(tokenizer_dir, tokenizer, tmp_
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(1e6)
     writer.add_sliding_window(8)
-    tokens, merges, token_types = tokenizer_tables(tokenizer_dir)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    add_tokenizer(writer, tokenizer_dir)
     for name, value in tree_flatten(source.parameters()):
         if name == "lm_head.weight":
             continue  # tied
