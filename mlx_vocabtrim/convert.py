@@ -215,20 +215,20 @@ def _to_bytes(block: np.ndarray, dtype: mx.Dtype) -> bytes:
 
 def _plan(reader: Any, config: dict) -> list[tuple[str, Any, list[int], Callable | None]]:
     """(output name, GGUF tensor, shape, row transform) for every tensor mlx-lm needs."""
-    plan = []
+    plan, arch = [], _field(reader, "general.architecture")
     for tensor in reader.tensors:
-        name = hf_name(tensor.name, config["model_type"].removesuffix("_text"))
+        name = hf_name(tensor.name, arch)
         if name is None:
             if tensor.name != "rope_freqs.weight":
                 raise VocabTrimError(f"GGUF tensor {tensor.name} is not a {config['model_type']} weight")
             continue
         shape = [int(d) for d in reversed(tensor.shape.tolist())]
         transform = None
-        if config["model_type"] == "llama" and ".self_attn.q_proj." in name:
+        if arch == "llama" and ".self_attn.q_proj." in name:
             transform = lambda a: _unpermute(a, config["num_attention_heads"])  # noqa: E731
-        elif config["model_type"] == "llama" and ".self_attn.k_proj." in name:
+        elif arch == "llama" and ".self_attn.k_proj." in name:
             transform = lambda a: _unpermute(a, config["num_key_value_heads"])  # noqa: E731
-        elif config["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
+        elif arch == "gemma3" and name.endswith("norm.weight"):
             transform = lambda a: a - 1.0  # noqa: E731  llama.cpp stores Gemma's 1 + w
         plan.append((name, tensor, shape, transform))
     return plan

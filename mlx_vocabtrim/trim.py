@@ -317,11 +317,12 @@ def trimmed_copy(draft_model: nn.Module, keep_ids: Sequence[int]) -> nn.Module:
     extra k-row heads only; the full head stays shared for context rows.
     """
     view = _shallow(draft_model)
-    inner = view.get("language_model")
-    if isinstance(inner, nn.Module):
-        view["language_model"] = inner = _shallow(inner)
-    for holder in (view, inner):  # the modules trimming replaces a child of
-        for name in ("model", "backbone"):
-            if isinstance(holder, nn.Module) and name in holder:
-                holder[name] = copy.copy(holder[name])
+    for path in _EMBEDDINGS:  # copy the modules on the way to the embedding and the head: trimming replaces them
+        holder = view
+        for part in path.split(".")[:-1]:
+            child = holder.get(part)
+            if not isinstance(child, nn.Module):
+                break
+            holder[part] = _shallow(child)
+            holder = holder[part]
     return trim_drafter(view, keep_ids, keep_full_head=True)

@@ -167,8 +167,9 @@ def ranked_for(vocab: dict, path: str | Path, tokenizer: Any) -> list[int]:
     if vocab["metadata"]["tokenizer_fingerprint"] not in _fingerprints(tokenizer):
         # same base vocabulary, other added tokens: only the base ids' counts carry over (the file's
         # added ids may be other tokens here); this tokenizer's specials are kept by `keep_ids`
-        added = set(range(len(counts))) - {i for i, t in enumerate(_base_table(tokenizer)) if t}
-        counts = np.where(np.isin(np.arange(len(counts)), list(added)), 0, counts)
+        base = np.zeros(len(counts), bool)
+        base[[i for i, t in enumerate(_base_table(tokenizer)[: len(counts)]) if t]] = True
+        counts = np.where(base, counts, 0)
     size = real_size(tokenizer)
     return [i for i in rank_ids(counts) if i < size]
 
