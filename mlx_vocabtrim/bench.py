@@ -180,8 +180,9 @@ def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], lis
     return tokens, from_draft, first_round, first_time
 
 
-def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, top_p: float,
-               eos: set[int]) -> Run:  # fmt: skip
+def run_method(
+    method: Method, model: nn.Module, prompt: list[int], max_tokens: int, temp: float, top_p: float, eos: set[int]
+) -> Run:
     """Decode `prompt` with `method`, timing the whole call (prefill included) and, apart, the
     decoding after the first round; counts come from the passes logged in the KV caches."""
     from mlx_lm.sample_utils import make_sampler
@@ -193,35 +194,80 @@ def run_method(method: Method, model: nn.Module, prompt: list[int], max_tokens: 
     mx.synchronize()
     tic = time.perf_counter()
     if method.kind == "target":
-        gen = generate_step(ids, model, max_tokens=max_tokens, sampler=make_sampler(temp, top_p),
-                            prompt_cache=target_cache, prefill_step_size=PREFILL_STEP)  # fmt: skip
+        gen = generate_step(
+            ids,
+            model,
+            max_tokens=max_tokens,
+            sampler=make_sampler(temp, top_p),
+            prompt_cache=target_cache,
+            prefill_step_size=PREFILL_STEP,
+        )
     elif method.kind == "mlx-lm-spec":
-        gen = mlx_lm_speculative_step(ids, model, method.drafter, num_draft_tokens=method.setting.num_draft_tokens,
-                                      max_tokens=max_tokens, sampler=make_sampler(temp, top_p),
-                                      prompt_cache=target_cache + draft_cache,
-                                      prefill_step_size=PREFILL_STEP)  # fmt: skip
+        gen = mlx_lm_speculative_step(
+            ids,
+            model,
+            method.drafter,
+            num_draft_tokens=method.setting.num_draft_tokens,
+            max_tokens=max_tokens,
+            sampler=make_sampler(temp, top_p),
+            prompt_cache=target_cache + draft_cache,
+            prefill_step_size=PREFILL_STEP,
+        )
     else:
-        gen = speculative_generate_step(ids, model, method.drafter, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                                        stats=stats, prompt_cache=target_cache + draft_cache,
-                                        prefill_step_size=PREFILL_STEP,
-                                        **method.setting.generation_kwargs())  # fmt: skip
+        gen = speculative_generate_step(
+            ids,
+            model,
+            method.drafter,
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            stats=stats,
+            prompt_cache=target_cache + draft_cache,
+            prefill_step_size=PREFILL_STEP,
+            **method.setting.generation_kwargs(),
+        )
     tokens, from_draft, first_round, first_time = _decode(gen, max_tokens, eos)
     gen.close()
     mx.synchronize()
     end = time.perf_counter()
-    calls, drafted, steps = count_passes(_passes(target_cache), _passes(draft_cache),
-                                         len(prompt), len(tokens))  # fmt: skip
+    calls, drafted, steps = count_passes(_passes(target_cache), _passes(draft_cache), len(prompt), len(tokens))
     decode_tokens = len(tokens) - first_round if first_round else 0
     kept = tokens[:-1] if tokens and tokens[-1] in eos else tokens
-    return Run(method.name, "", None, 0, len(prompt), len(tokens), end - tic, decode_tokens,
-               end - first_time if decode_tokens else 0.0, calls, drafted, sum(from_draft), steps,
-               stats.context_rows, kept, from_draft)  # fmt: skip
+    return Run(
+        method.name,
+        "",
+        None,
+        0,
+        len(prompt),
+        len(tokens),
+        end - tic,
+        decode_tokens,
+        end - first_time if decode_tokens else 0.0,
+        calls,
+        drafted,
+        sum(from_draft),
+        steps,
+        stats.context_rows,
+        kept,
+        from_draft,
+    )
 
 
-def interleave(questions: list[dict], methods: list[Method], model: nn.Module, encode: Callable[[str], list[int]],
-               max_tokens: int, temp: float, top_p: float, eos: set[int], repeats: int, seed: int,
-               advance: Callable[[], None], done: dict[tuple, Run] | None = None,
-               record: Callable[[Run], None] | None = None) -> list[Run]:  # fmt: skip
+def interleave(
+    questions: list[dict],
+    methods: list[Method],
+    model: nn.Module,
+    encode: Callable[[str], list[int]],
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    eos: set[int],
+    repeats: int,
+    seed: int,
+    advance: Callable[[], None],
+    done: dict[tuple, Run] | None = None,
+    record: Callable[[Run], None] | None = None,
+) -> list[Run]:
     """Every method `repeats` times on each prompt in turn, in an order shuffled per prompt
     (seeded), so drift of the machine hits all methods alike.
 
@@ -254,8 +300,10 @@ def _per_question(runs: list[Run], method: str, rate: str) -> dict[Any, tuple[fl
             groups[r.question_id].append(r)
     pick = {"decode": ("decode_tokens", "decode_seconds"), "e2e": ("emitted", "seconds")}[rate]
     tokens, seconds = pick
-    return {q: (float(np.median([getattr(r, tokens) for r in rs])), float(np.median([getattr(r, seconds) for r in rs])))
-            for q, rs in groups.items()}  # fmt: skip
+    return {
+        q: (float(np.median([getattr(r, tokens) for r in rs])), float(np.median([getattr(r, seconds) for r in rs])))
+        for q, rs in groups.items()
+    }
 
 
 def ratio_interval(runs: list[Run], method: str, base: str, rate: str, seed: int = 0) -> dict:
@@ -342,8 +390,10 @@ def check_lossless(runs: list[Run]) -> str | None:
             at = next(
                 (i for i, (a, b) in enumerate(zip(r.tokens, ref, strict=False)) if a != b), min(len(r.tokens), len(ref))
             )
-            return (f"greedy output of {r.method} (repeat {r.repeat}) differs from the target on question "
-                    f"{r.question_id} at token {at}: this is a bug, please report it")  # fmt: skip
+            return (
+                f"greedy output of {r.method} (repeat {r.repeat}) differs from the target on question "
+                f"{r.question_id} at token {at}: this is a bug, please report it"
+            )
     return None
 
 
@@ -388,8 +438,15 @@ def _interval(r: dict) -> str:
     return f"{r['ratio']:.2f}x [{r['low']:.2f}, {r['high']:.2f}]"
 
 
-def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, head_of: dict[str, int],
-             baseline: str, repeats: int, lossless: str) -> str:  # fmt: skip
+def markdown(
+    summary: dict[str, dict],
+    categories: dict[str, dict],
+    env: dict,
+    head_of: dict[str, int],
+    baseline: str,
+    repeats: int,
+    lossless: str,
+) -> str:
     """The overall table, then the decode speed-up over the baseline per category."""
     lines = [
         f"MLX {env['mlx']}, mlx-lm {env['mlx_lm']} on {env['device']} ({env['cpu']}, {env['cores']} cores), "
@@ -413,11 +470,17 @@ def markdown(summary: dict[str, dict], categories: dict[str, dict], env: dict, h
             f"{_interval(s['decode_vs_baseline'])} | {s['e2e_tokens_per_s']:.3f} | {_interval(s['e2e_vs_baseline'])} |"
         )
     names = list(summary)
-    lines += ["", f"Decode speed-up over `{baseline}` by category:", "",
-              "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    lines += [
+        "",
+        f"Decode speed-up over `{baseline}` by category:",
+        "",
+        "| category | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for cat, s in categories.items():
-        cells = [f"{s[n]['decode_vs_baseline']['ratio']:.2f}x" if s[n]["decode_vs_baseline"]["ratio"] else "-"
-                 for n in names]  # fmt: skip
+        cells = [
+            f"{s[n]['decode_vs_baseline']['ratio']:.2f}x" if s[n]["decode_vs_baseline"]["ratio"] else "-" for n in names
+        ]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -438,8 +501,10 @@ def plot(summary: dict[str, dict], baseline: str, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     y = range(len(names))
     ratios = [v["ratio"] for v in values]
-    errors = [[r - v["low"] for r, v in zip(ratios, values, strict=True)],
-              [v["high"] - r for r, v in zip(ratios, values, strict=True)]]  # fmt: skip
+    errors = [
+        [r - v["low"] for r, v in zip(ratios, values, strict=True)],
+        [v["high"] - r for r, v in zip(ratios, values, strict=True)],
+    ]
     ax.barh(list(y), ratios, xerr=errors, color="#4c72b0", capsize=3)
     ax.axvline(1.0, color="gray", lw=0.8)
     ax.set_yticks(list(y), names, fontsize=8)
@@ -475,8 +540,9 @@ def runs_as_dicts(runs: list[Run]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "from_draft"} for r in runs]
 
 
-def parse_methods(spec: str, num_draft_tokens: int, draft_threshold: float, lookup_ngram: int,
-                  lookup_tokens: int) -> list[tuple[str, Setting]]:  # fmt: skip
+def parse_methods(
+    spec: str, num_draft_tokens: int, draft_threshold: float, lookup_ngram: int, lookup_tokens: int
+) -> list[tuple[str, Setting]]:
     """(name, setting) of each of --methods: full or trim@K, then optional +ctx and +lookup."""
     methods = []
     for name in [m.strip() for m in spec.split(",") if m.strip()]:
@@ -486,8 +552,19 @@ def parse_methods(spec: str, num_draft_tokens: int, draft_threshold: float, look
         if set(extras) - {"ctx", "lookup"} or len(set(extras)) != len(extras) or (head == "full" and "ctx" in extras):
             raise VocabTrimError(f"--methods: {name!r} takes +ctx (trimmed heads only) and +lookup, each once")
         k = None if head == "full" else int(head[5:])
-        methods.append((name, Setting(k, num_draft_tokens, draft_threshold, "ctx" in extras,
-                                      lookup_ngram if "lookup" in extras else 0, lookup_tokens)))  # fmt: skip
+        methods.append(
+            (
+                name,
+                Setting(
+                    k,
+                    num_draft_tokens,
+                    draft_threshold,
+                    "ctx" in extras,
+                    lookup_ngram if "lookup" in extras else 0,
+                    lookup_tokens,
+                ),
+            )
+        )
     return methods
 
 
@@ -502,8 +579,9 @@ def _pair(model: str, draft_model: str, vocab: str | None, needs_vocab: bool):
         raise VocabTrimError(f"{draft_model} is already trimmed: benchmark and tune with the untrimmed drafter")
     path, how = vocab_for(tokenizer, vocab)
     if path is None and needs_vocab:
-        raise VocabTrimError(f"no vocab matches {model}'s tokenizer: pass --vocab FILE (`mlx-vocabtrim calibrate` "
-                             "makes one)")  # fmt: skip
+        raise VocabTrimError(
+            f"no vocab matches {model}'s tokenizer: pass --vocab FILE (`mlx-vocabtrim calibrate` makes one)"
+        )
     ranked = read_ranked_ids(path, tokenizer) if path else None
     return target, tokenizer, drafter, ranked, f"{path} ({how})" if path else None, target_path, drafter_path
 
@@ -520,8 +598,7 @@ def _tune(target, tokenizer, drafter, ranked, ks, tuning, max_tokens, max_prompt
     import click
 
     with click.progressbar(length=len(prompts), label="Tuning", file=sys.stderr, show_eta=True) as bar:
-        result = tune(target, drafter, prompts, max_tokens, set(tokenizer.eos_token_ids), keeps,
-                      lambda: bar.update(1))  # fmt: skip
+        result = tune(target, drafter, prompts, max_tokens, set(tokenizer.eos_token_ids), keeps, lambda: bar.update(1))
     result["tuning_questions"] = [q["question_id"] for q in tuning]
     return result
 
@@ -531,14 +608,21 @@ def _save_profile(result: dict, model: str, draft_model: str, target, paths, voc
 
     choice = result["choice"]
     setting = Setting.of(choice)
-    measured = {"predicted_tokens_per_s": choice["predicted_tokens_per_s"], "expected_tau": choice["expected_tau"],
-                "tuned_on": result["tuning_questions"], "vocab": vocab_used, "environment": environment(target),
-                "date": time.strftime("%Y-%m-%d"), "command": command}  # fmt: skip
+    measured = {
+        "predicted_tokens_per_s": choice["predicted_tokens_per_s"],
+        "expected_tau": choice["expected_tau"],
+        "tuned_on": result["tuning_questions"],
+        "vocab": vocab_used,
+        "environment": environment(target),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+    }
     return save_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]), setting, measured, out)
 
 
-def tune_pair(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prompt_tokens, out, force,
-              echo) -> dict:  # fmt: skip
+def tune_pair(
+    model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prompt_tokens, out, force, echo
+) -> dict:
     """`mlx-vocabtrim tune`: tune on `prompts` questions spread over the file, save the profile (to
     this machine's store, replacing the pair's earlier one, or to `out`)."""
     from .files import check_output
@@ -555,9 +639,11 @@ def tune_pair(model, draft_model, vocab, ks, questions, prompts, max_tokens, max
     choice, rows = result["choice"], head_rows(drafter)
     setting = Setting.of(choice)
     best = result["mlx_lm_spec"][result["mlx_lm_spec_best"]]
-    echo(f"Chose {setting.name(rows)}: {choice['predicted_tokens_per_s']:.3f} tokens/s predicted, tau "
-         f"{choice['expected_tau']:.2f} (mlx-lm's speculative decoding at its best, {result['mlx_lm_spec_best']} "
-         f"drafts: {best['predicted_tokens_per_s']:.3f} tokens/s)")  # fmt: skip
+    echo(
+        f"Chose {setting.name(rows)}: {choice['predicted_tokens_per_s']:.3f} tokens/s predicted, tau "
+        f"{choice['expected_tau']:.2f} (mlx-lm's speculative decoding at its best, {result['mlx_lm_spec_best']} "
+        f"drafts: {best['predicted_tokens_per_s']:.3f} tokens/s)"
+    )
     echo(f"Wrote {path}")
     return result
 
@@ -579,9 +665,33 @@ def run_bench(*, out: Path, force: bool, questions: str | None, per_category: in
         return _bench(out=out, questions=questions, qs=qs, per_category=per_category, **options)
 
 
-def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_threshold, lookup_ngram, lookup_tokens,
-           ks, baseline, auto, auto_prompts, questions, qs, per_category, max_tokens, max_prompt_tokens, temp, top_p,
-           repeats, seed, out, save_profile, echo) -> dict:  # fmt: skip
+def _bench(
+    *,
+    model,
+    draft_model,
+    vocab,
+    methods,
+    num_draft_tokens,
+    draft_threshold,
+    lookup_ngram,
+    lookup_tokens,
+    ks,
+    baseline,
+    auto,
+    auto_prompts,
+    questions,
+    qs,
+    per_category,
+    max_tokens,
+    max_prompt_tokens,
+    temp,
+    top_p,
+    repeats,
+    seed,
+    out,
+    save_profile,
+    echo,
+) -> dict:
     import click
 
     from .calibrate import chat_prompt
@@ -591,12 +701,28 @@ def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_thresh
     from .vocab import keep_ids
 
     sweep = parse_methods(methods, num_draft_tokens, draft_threshold, lookup_ngram, lookup_tokens)
-    config = {"model": model, "draft_model": draft_model, "vocab": vocab, "methods": methods,
-              "num_draft_tokens": num_draft_tokens, "draft_threshold": draft_threshold, "lookup_ngram": lookup_ngram,
-              "lookup_tokens": lookup_tokens, "k": ks, "baseline": baseline, "auto": auto,
-              "auto_prompts": auto_prompts, "questions": str(questions), "per_category": per_category,
-              "max_tokens": max_tokens, "max_prompt_tokens": max_prompt_tokens, "temp": temp, "top_p": top_p,
-              "repeats": repeats, "seed": seed}  # fmt: skip
+    config = {
+        "model": model,
+        "draft_model": draft_model,
+        "vocab": vocab,
+        "methods": methods,
+        "num_draft_tokens": num_draft_tokens,
+        "draft_threshold": draft_threshold,
+        "lookup_ngram": lookup_ngram,
+        "lookup_tokens": lookup_tokens,
+        "k": ks,
+        "baseline": baseline,
+        "auto": auto,
+        "auto_prompts": auto_prompts,
+        "questions": str(questions),
+        "per_category": per_category,
+        "max_tokens": max_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
+        "temp": temp,
+        "top_p": top_p,
+        "repeats": repeats,
+        "seed": seed,
+    }
     entries, log = resume_log(out, config)
     needs_vocab = auto or any(s.k is not None for _, s in sweep)
     target, tokenizer, drafter, ranked, vocab_used, *paths = _pair(model, draft_model, vocab, needs_vocab)
@@ -615,8 +741,11 @@ def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_thresh
     echo(f"BLAS: {env['blas']}; weights {env['dtype']}; {env['device']}; {env['cpu']}", err=True)
     eos = set(tokenizer.eos_token_ids)
     encode = lambda text: chat_prompt(tokenizer, text, max_prompt_tokens)  # noqa: E731
-    done = {(e["run"]["question_id"], e["run"]["method"], e["run"]["repeat"]): Run(**e["run"]) for e in entries
-            if "run" in e}  # fmt: skip
+    done = {
+        (e["run"]["question_id"], e["run"]["method"], e["run"]["repeat"]): Run(**e["run"])
+        for e in entries
+        if "run" in e
+    }
     if entries:
         echo(f"Resuming the unfinished bench in {out}: {len(done)} runs done", err=True)
     tuned = None
@@ -624,8 +753,9 @@ def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_thresh
         tuning, qs = tuning_questions(questions, qs, auto_prompts)
         tuned = next((e["tune"] for e in entries if "tune" in e), None)
         if tuned is None:
-            tuned = _tune(target, tokenizer, drafter, ranked, ks if auto else [], tuning, max_tokens,
-                          max_prompt_tokens, echo)  # fmt: skip
+            tuned = _tune(
+                target, tokenizer, drafter, ranked, ks if auto else [], tuning, max_tokens, max_prompt_tokens, echo
+            )
             log({"tune": tuned})
         tuned["mlx_lm_spec"] = {int(g): row for g, row in tuned["mlx_lm_spec"].items()}
     best_gamma = tuned["mlx_lm_spec_best"] if baseline == "auto" else baseline
@@ -643,18 +773,35 @@ def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_thresh
         if chosen.num_draft_tokens and not any(m.setting == same_length for m in method_list):
             stop = f" stop<{chosen.draft_threshold:g}" if chosen.draft_threshold else ""
             method_list.append(method(f"full x{chosen.num_draft_tokens}{stop}", same_length))
-        echo(f"Auto choice: {chosen.name(rows)} (predicted {choice['predicted_tokens_per_s']:.3f} tok/s, tau "
-             f"{choice['expected_tau']:.2f})", err=True)  # fmt: skip
+        echo(
+            f"Auto choice: {chosen.name(rows)} (predicted {choice['predicted_tokens_per_s']:.3f} tok/s, tau "
+            f"{choice['expected_tau']:.2f})",
+            err=True,
+        )
     names = [m.name for m in method_list]
     if len(set(names)) != len(names):
         raise VocabTrimError(f"--methods repeats a method: {', '.join(names)}")
     warm = encode("Say hi.")
     for m in method_list:  # every method starts warm
         run_method(m, target, warm, 4, temp, top_p, eos)
-    with click.progressbar(length=len(qs) * len(method_list) * repeats, label="Benchmark", file=sys.stderr,
-                           show_eta=True) as bar:  # fmt: skip
-        runs = interleave(qs, method_list, target, encode, max_tokens, temp, top_p, eos, repeats, seed,
-                          lambda: bar.update(1), done, lambda run: log({"run": asdict(run)}))  # fmt: skip
+    with click.progressbar(
+        length=len(qs) * len(method_list) * repeats, label="Benchmark", file=sys.stderr, show_eta=True
+    ) as bar:
+        runs = interleave(
+            qs,
+            method_list,
+            target,
+            encode,
+            max_tokens,
+            temp,
+            top_p,
+            eos,
+            repeats,
+            seed,
+            lambda: bar.update(1),
+            done,
+            lambda run: log({"run": asdict(run)}),
+        )
     mismatch = check_lossless(runs) if temp == 0 else None
     target_bytes = step_bytes(target)
     row_bytes = head_bytes(drafter) / rows
@@ -667,11 +814,21 @@ def _bench(*, model, draft_model, vocab, methods, num_draft_tokens, draft_thresh
     base_name = fastest([m.name for m in method_list if m.kind == "mlx-lm-spec"], runs)
     summary = summarize(runs, method_list, c_of, base_name)
     categories = by_category(runs, method_list, c_of, base_name)
-    report = {"environment": env, "config": config, "command": command_line(), "baseline": base_name,
-              "lossless": mismatch or ("every greedy output equals the target's" if temp == 0 else "sampled"),
-              "vocab": vocab_used, "tune": tuned, "summary": summary, "categories": categories, "c": c_of,
-              "head_rows": head_of, "runs": runs_as_dicts(runs),
-              "c_note": "drafter/target weight bytes read per decode step, input embedding excluded"}  # fmt: skip
+    report = {
+        "environment": env,
+        "config": config,
+        "command": command_line(),
+        "baseline": base_name,
+        "lossless": mismatch or ("every greedy output equals the target's" if temp == 0 else "sampled"),
+        "vocab": vocab_used,
+        "tune": tuned,
+        "summary": summary,
+        "categories": categories,
+        "c": c_of,
+        "head_rows": head_of,
+        "runs": runs_as_dicts(runs),
+        "c_note": "drafter/target weight bytes read per decode step, input embedding excluded",
+    }
     table = markdown(summary, categories, env, head_of, base_name, repeats, report["lossless"])
     written = write_outputs(out, report, table)
     echo(table)

@@ -76,8 +76,10 @@ def notice() -> str | None:
     """One line for users on the slow reference BLAS with no OpenBLAS to switch to; else None."""
     if _opted_out() or _preloaded() or not bundled_reference_blas() or find_openblas() is not None:
         return None
-    return (f"Note: MLX is using its slow reference BLAS; `{INSTALL}` makes decoding about 2-3x faster "
-            f"(mlx-vocabtrim then uses it; {ENV}=0 hides this note)")  # fmt: skip
+    return (
+        f"Note: MLX is using its slow reference BLAS; `{INSTALL}` makes decoding about 2-3x faster "
+        f"(mlx-vocabtrim then uses it; {ENV}=0 hides this note)"
+    )
 
 
 def blas_library() -> str:

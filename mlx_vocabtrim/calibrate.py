@@ -185,9 +185,15 @@ def count_generated(
 
     prompts = [chat_prompt(tokenizer, r["prompt"], max_prompt_tokens) for r in batch]
     out = batch_generate(
-        model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True,
-        sampler=make_sampler(temp), prefill_batch_size=len(prompts), completion_batch_size=len(prompts),
-    )  # fmt: skip
+        model,
+        tokenizer,
+        prompts,
+        max_tokens=max_tokens,
+        return_token_ids=True,
+        sampler=make_sampler(temp),
+        prefill_batch_size=len(prompts),
+        completion_batch_size=len(prompts),
+    )
     ids = [i for seq in out.token_ids for i in seq]
     return np.asarray(ids, dtype=np.int64), len(ids)
 

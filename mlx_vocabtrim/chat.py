@@ -36,8 +36,23 @@ def _read_line() -> str | None:
 @top_p_option()
 @seed_option()
 @click.option("--verbose", is_flag=True, help="Print the drafter head and every setting's source first.")
-def chat(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, context_head, lookup_ngram, lookup_tokens,
-         system_prompt, max_tokens, temp, top_p, seed, verbose):  # fmt: skip
+def chat(
+    model,
+    draft_model,
+    vocab,
+    k,
+    num_draft_tokens,
+    draft_threshold,
+    context_head,
+    lookup_ngram,
+    lookup_tokens,
+    system_prompt,
+    max_tokens,
+    temp,
+    top_p,
+    seed,
+    verbose,
+):
     """Chat in the terminal: `q` quits, `r` resets the history; speed and acceptance follow each reply."""
     import mlx.core as mx
 
@@ -65,11 +80,21 @@ def chat(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, contex
         history.append({"role": "user", "content": query})
         prompt = setup.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
         reply, response = "", None
-        for response in stream_generate(setup.target, setup.tokenizer, prompt, setup.drafter, max_tokens=max_tokens,
-                                        temp=temp, top_p=top_p, **setup.generation_kwargs()):  # fmt: skip
+        for response in stream_generate(
+            setup.target,
+            setup.tokenizer,
+            prompt,
+            setup.drafter,
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            **setup.generation_kwargs(),
+        ):
             click.echo(response.text, nl=False)
             reply += response.text
         history.append({"role": "assistant", "content": reply})
         rate = response.accepted_tokens / response.draft_tokens if response.draft_tokens else 0.0
-        click.echo(f"\n[{response.generation_tokens} tokens, {response.generation_tps:.2f} tok/s, "
-                   f"{rate:.0%} of drafts accepted]")  # fmt: skip
+        click.echo(
+            f"\n[{response.generation_tokens} tokens, {response.generation_tps:.2f} tok/s, "
+            f"{rate:.0%} of drafts accepted]"
+        )

@@ -114,8 +114,9 @@ cli.add_command(bench_serve)
 @cli.command(name="generate", cls=OneLineCommand)
 @pair_options(DEFAULT_TARGET, DEFAULT_DRAFTER)
 @draft_options
-@click.option("--prompt", "-p", default=DEFAULT_PROMPT, show_default=True,
-              help="Message to the model; '-' reads it from stdin.")  # fmt: skip
+@click.option(
+    "--prompt", "-p", default=DEFAULT_PROMPT, show_default=True, help="Message to the model; '-' reads it from stdin."
+)
 @text_option("--system-prompt", default=None, help="System message for the chat template.")
 @count_option("--max-tokens", 256, "Most tokens to generate.")
 @temp_option()
@@ -123,9 +124,25 @@ cli.add_command(bench_serve)
 @seed_option()
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--verbose", is_flag=True, help="Print timing, acceptance, the drafter head and every setting's source.")
-def generate(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, context_head, lookup_ngram,
-             lookup_tokens, prompt, system_prompt, max_tokens, temp, top_p, seed, ignore_chat_template,
-             verbose):  # fmt: skip
+def generate(
+    model,
+    draft_model,
+    vocab,
+    k,
+    num_draft_tokens,
+    draft_threshold,
+    context_head,
+    lookup_ngram,
+    lookup_tokens,
+    prompt,
+    system_prompt,
+    max_tokens,
+    temp,
+    top_p,
+    seed,
+    ignore_chat_template,
+    verbose,
+):
     """Generate text with VocabTrim speculative decoding (flags as mlx_lm.generate)."""
     import mlx.core as mx
 
@@ -138,8 +155,16 @@ def generate(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, co
     setup = load_for(click.get_current_context().params)
     ids = build_prompt(setup.tokenizer, text, system_prompt, ignore_chat_template)
     response = None
-    for response in stream_generate(setup.target, setup.tokenizer, ids, setup.drafter, max_tokens=max_tokens,
-                                    temp=temp, top_p=top_p, **setup.generation_kwargs()):  # fmt: skip
+    for response in stream_generate(
+        setup.target,
+        setup.tokenizer,
+        ids,
+        setup.drafter,
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        **setup.generation_kwargs(),
+    ):
         click.echo(response.text, nl=False)
     click.echo()
     if verbose and response is not None:
@@ -151,8 +176,12 @@ def generate(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, co
 @cli.command()
 @click.argument("gguf", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Weight dtype [default: float32 on CPU, float16 on GPU].")  # fmt: skip
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default=None,
+    help="Weight dtype [default: float32 on CPU, float16 on GPU].",
+)
 @click.option("--quantize", is_flag=True, help="Quantize the converted weights with mlx-lm.")
 @count_option("--q-bits", 4, "Bits per weight when quantizing (2, 3, 4, 5, 6 or 8).", 2, 8)
 @count_option("--q-group-size", 64, "Group size when quantizing (32, 64 or 128).", 32, 128)
@@ -163,27 +192,46 @@ def convert(gguf, out, dtype, quantize, q_bits, q_group_size, force):
     from .models import convert_with_progress
 
     if q_bits not in QUANT_BITS or q_group_size not in QUANT_GROUPS:
-        raise VocabTrimError(f"--q-bits {q_bits} --q-group-size {q_group_size} is not supported: bits are one of "
-                             f"{', '.join(map(str, QUANT_BITS))}, group sizes one of "
-                             f"{', '.join(map(str, QUANT_GROUPS))}")  # fmt: skip
+        raise VocabTrimError(
+            f"--q-bits {q_bits} --q-group-size {q_group_size} is not supported: bits are one of "
+            f"{', '.join(map(str, QUANT_BITS))}, group sizes one of "
+            f"{', '.join(map(str, QUANT_GROUPS))}"
+        )
     if not gguf.is_file():
         raise VocabTrimError(f"GGUF file {gguf} does not exist: check the path")
     check_output(out, inputs=[gguf], force=force, directory=True)
     with output_lock(out):
-        convert_with_progress(gguf, out, f"Converting {gguf.name}", dtype=dtype, quantize=quantize, q_bits=q_bits,
-                              q_group_size=q_group_size, force=force)  # fmt: skip
+        convert_with_progress(
+            gguf,
+            out,
+            f"Converting {gguf.name}",
+            dtype=dtype,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            force=force,
+        )
     click.echo(f"Wrote {out}")
 
 
 @cli.command(name="calibrate")
-@click.option("--model", default=DEFAULT_TARGET, show_default=True,
-              help="Target model (its tokenizer defines the vocab).")  # fmt: skip
+@click.option(
+    "--model", default=DEFAULT_TARGET, show_default=True, help="Target model (its tokenizer defines the vocab)."
+)
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter, for --source drafter.")
-@click.option("--source", type=click.Choice(["target", "drafter", "dataset"]), default="target", show_default=True,
-              help="Count the target's answers, the drafter's answers, or the raw dataset text.")  # fmt: skip
-@click.option("--data", default="sharegpt", show_default=True,
-              help="Prompts: Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, text, `sharegpt`, or a dataset "
-                   "repo id.")  # fmt: skip
+@click.option(
+    "--source",
+    type=click.Choice(["target", "drafter", "dataset"]),
+    default="target",
+    show_default=True,
+    help="Count the target's answers, the drafter's answers, or the raw dataset text.",
+)
+@click.option(
+    "--data",
+    default="sharegpt",
+    show_default=True,
+    help="Prompts: Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, text, `sharegpt`, or a dataset repo id.",
+)
 @count_option("--num-prompts", None, "Prompts drawn (seeded) from --data [default: all].")
 @count_option("--max-tokens", 256, "Tokens generated per prompt.")
 @temp_option("Sampling temperature of the answers (0: greedy).")
@@ -193,8 +241,21 @@ def convert(gguf, out, dtype, quantize, q_bits, q_group_size, force):
 @count_option("--checkpoint-every", 64, "Prompts between checkpoints.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Vocab file to write (.json or .json.gz).")
 @force_option()
-def calibrate_command(model, draft_model, source, data, num_prompts, max_tokens, temp, seed, batch_size,
-                      max_prompt_tokens, checkpoint_every, out, force):  # fmt: skip
+def calibrate_command(
+    model,
+    draft_model,
+    source,
+    data,
+    num_prompts,
+    max_tokens,
+    temp,
+    seed,
+    batch_size,
+    max_prompt_tokens,
+    checkpoint_every,
+    out,
+    force,
+):
     """Count token frequencies into a vocab file; resumes from OUT.checkpoint after an interruption."""
     import mlx.core as mx
 
@@ -228,21 +289,36 @@ def calibrate_command(model, draft_model, source, data, num_prompts, max_tokens,
             count = lambda batch: count_generated(  # noqa: E731
                 generator, generator_tok, batch, max_tokens, temp, max_prompt_tokens
             )
-        settings = {"model": counted, "source": source, "data": data, "num_prompts": len(records),
-                    "max_tokens": max_tokens, "temp": temp, "seed": seed, "batch_size": batch_size,
-                    "max_prompt_tokens": max_prompt_tokens}  # fmt: skip
+        settings = {
+            "model": counted,
+            "source": source,
+            "data": data,
+            "num_prompts": len(records),
+            "max_tokens": max_tokens,
+            "temp": temp,
+            "seed": seed,
+            "batch_size": batch_size,
+            "max_prompt_tokens": max_prompt_tokens,
+        }
         checkpoint = out.with_name(out.name + ".checkpoint")
         resume = resume_point(checkpoint, settings, -(-len(records) // batch_size), vocab_size)  # checked up front
         bar, advance = progress_bar(len(records), f"Calibrating ({source})")
         with bar:
-            counts = calibrate(records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings,
-                               advance, resume)  # fmt: skip
+            counts = calibrate(
+                records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings, advance, resume
+            )
         if rank != 0:
             return
-        metadata = {**settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                    **family_fingerprint(tokenizer), "target": model,
-                    "prompts_counted": len(records), "tokens_counted": int(counts.sum()),
-                    "command": command_line(), "tool_version": __version__}  # fmt: skip
+        metadata = {
+            **settings,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            **family_fingerprint(tokenizer),
+            "target": model,
+            "prompts_counted": len(records),
+            "tokens_counted": int(counts.sum()),
+            "command": command_line(),
+            "tool_version": __version__,
+        }
         save_vocab(out, counts, metadata)
         checkpoint.unlink(missing_ok=True)
     click.echo(f"Wrote {out}: {metadata['tokens_counted']} tokens from {len(records)} prompts")
@@ -277,8 +353,10 @@ def show(file, model, top):
     for n, part in enumerate(parts):
         weight = f" x{meta['weights'][n]}" if "weights" in meta else ""
         prefix = f"  [{n + 1}{weight}] " if len(parts) > 1 else "  "
-        click.echo(prefix + ", ".join(f"{k}: {part[k]}" for k in ("source", "data", "prompts_counted", "tokens_counted")
-                                      if k in part))  # fmt: skip
+        click.echo(
+            prefix
+            + ", ".join(f"{k}: {part[k]}" for k in ("source", "data", "prompts_counted", "tokens_counted") if k in part)
+        )
         if "command" in part:
             click.echo(f"{prefix}command: {part['command']}")
     if len(parts) > 1:
@@ -301,8 +379,12 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 @vocab.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--weights", default=None, help="Comma-separated weight per file, e.g. 4000,1 to mix a small "
-              "target-generated count with a large dataset count at equal mass [default: 1 each].")  # fmt: skip
+@click.option(
+    "--weights",
+    default=None,
+    help="Comma-separated weight per file, e.g. 4000,1 to mix a small "
+    "target-generated count with a large dataset count at equal mass [default: 1 each].",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged vocab file to write.")
 @force_option()
 def merge(files, weights, out, force):
@@ -322,10 +404,17 @@ def merge(files, weights, out, force):
         raise VocabTrimError("--weights are too large: the weighted counts would not fit in 64 bits; use smaller ones")
     counts = sum(w * d["counts"] for w, d in zip(scale, docs, strict=True))
     sources = "+".join(dict.fromkeys(str(d["metadata"].get("source")) for d in docs))
-    meta = {**docs[0]["metadata"], "source": sources, "merged_from": [str(f) for f in files], "weights": scale,
-            "merged_metadata": [d["metadata"] for d in docs], "tokens_counted": int(counts.sum()),
-            "command": command_line(), "tool_version": __version__,
-            "prompts_counted": sum(int(d["metadata"].get("prompts_counted", 0) or 0) for d in docs)}  # fmt: skip
+    meta = {
+        **docs[0]["metadata"],
+        "source": sources,
+        "merged_from": [str(f) for f in files],
+        "weights": scale,
+        "merged_metadata": [d["metadata"] for d in docs],
+        "tokens_counted": int(counts.sum()),
+        "command": command_line(),
+        "tool_version": __version__,
+        "prompts_counted": sum(int(d["metadata"].get("prompts_counted", 0) or 0) for d in docs),
+    }
     with output_lock(out, force=force):
         save_vocab(out, counts, meta)
     click.echo(f"Wrote {out}: {int(counts.sum())} weighted tokens")
@@ -333,13 +422,26 @@ def merge(files, weights, out, force):
 
 @cli.command()
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter to trim.")
-@click.option("--model", default=DEFAULT_TARGET, show_default=True,
-              help="Target the drafter will serve: its profile (if any) is carried into the directory.")  # fmt: skip
-@click.option("--vocab", "vocab_file", default=None, type=click.Path(path_type=Path),
-              help="Vocab file ranking ids [default: a packaged vocab matching the drafter's tokenizer].")  # fmt: skip
+@click.option(
+    "--model",
+    default=DEFAULT_TARGET,
+    show_default=True,
+    help="Target the drafter will serve: its profile (if any) is carried into the directory.",
+)
+@click.option(
+    "--vocab",
+    "vocab_file",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Vocab file ranking ids [default: a packaged vocab matching the drafter's tokenizer].",
+)
 @count_option("--k", None, "Rows to keep in the drafter head (EOS and specials included).", required=True)
-@click.option("--context-head/--no-context-head", default=True, show_default=True,
-              help="Also save the full head, so generation can add the rows of each request's own ids.")  # fmt: skip
+@click.option(
+    "--context-head/--no-context-head",
+    default=True,
+    show_default=True,
+    help="Also save the full head, so generation can add the rows of each request's own ids.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Trimmed drafter directory to write.")
 @force_option("an existing --out directory")
 def trim(draft_model, model, vocab_file, k, context_head, out, force):
@@ -360,16 +462,23 @@ def trim(draft_model, model, vocab_file, k, context_head, out, force):
     drafter, tokenizer = load_model(drafter_path)
     path, how = vocab_for(tokenizer, None if vocab_file is None else str(vocab_file))
     if path is None:
-        raise VocabTrimError(f"no vocab matches {draft_model}'s tokenizer: pass --vocab FILE "
-                             "(`mlx-vocabtrim calibrate` makes one)")  # fmt: skip
+        raise VocabTrimError(
+            f"no vocab matches {draft_model}'s tokenizer: pass --vocab FILE (`mlx-vocabtrim calibrate` makes one)"
+        )
     doc = load_vocab(path)
     rows = head_rows(drafter)
     keep = keep_ids(ranked_for(doc, path, tokenizer), k, rows, tokenizer)
     trim_drafter(drafter, keep, keep_full_head=context_head)
     kept_share = float(doc["counts"][[i for i in keep if i < len(doc["counts"])]].sum() / max(doc["counts"].sum(), 1))
-    info = {"k": k, "full_rows": rows, "coverage": kept_share, "vocab": f"{path} ({how})",
-            "source": doc["metadata"].get("source"), "data": doc["metadata"].get("data"),
-            "drafter": draft_model}  # fmt: skip
+    info = {
+        "k": k,
+        "full_rows": rows,
+        "coverage": kept_share,
+        "vocab": f"{path} ({how})",
+        "source": doc["metadata"].get("source"),
+        "data": doc["metadata"].get("data"),
+        "drafter": draft_model,
+    }
     if profile is not None:
         info["profile"] = asdict(replace(profile, k=k, context_head=profile.context_head and context_head))
         info["profile_from"] = where
@@ -383,40 +492,73 @@ def trim(draft_model, model, vocab_file, k, context_head, out, force):
 @click.option("--model", default=DEFAULT_TARGET, show_default=True, help="Target model.")
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter (untrimmed).")
 @click.option("--vocab", default=None, help="Vocab file ranking the kept ids [default: one matching the tokenizer].")
-@click.option("--k", "ks", default="8192,16384,32768", show_default=True,
-              help="Head sizes to weigh, comma-separated (the full head is always weighed).")  # fmt: skip
+@click.option(
+    "--k",
+    "ks",
+    default="8192,16384,32768",
+    show_default=True,
+    help="Head sizes to weigh, comma-separated (the full head is always weighed).",
+)
 @click.option("--questions", default=None, help="Spec-Bench JSONL to tune on [default: the packaged Spec-Bench].")
 @count_option("--prompts", 4, "Questions to tune on, spread over the file.")
 @count_option("--max-tokens", 128, "Tokens decoded per question.")
 @count_option("--max-prompt-tokens", None, "Cut longer questions to their start [default: no cut].")
-@click.option("--out", default=None, type=click.Path(path_type=Path),
-              help="Profile file to write [default: this machine's store, used by generate/chat/serve].")  # fmt: skip
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Profile file to write [default: this machine's store, used by generate/chat/serve].",
+)
 @force_option("an existing --out file")
 def tune(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prompt_tokens, out, force):
     """Pick k, draft length, draft threshold, context head and prompt lookup for this machine and pair;
     save them as the pair's profile."""
     from .bench import tune_pair
 
-    tune_pair(model, draft_model, vocab, _int_list(ks, "--k"), questions, prompts, max_tokens, max_prompt_tokens,
-              out, force, echo=click.echo)  # fmt: skip
+    tune_pair(
+        model,
+        draft_model,
+        vocab,
+        _int_list(ks, "--k"),
+        questions,
+        prompts,
+        max_tokens,
+        max_prompt_tokens,
+        out,
+        force,
+        echo=click.echo,
+    )
 
 
 @cli.command()
 @click.option("--model", default=DEFAULT_TARGET, show_default=True, help="Target model.")
 @click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True, help="Drafter (untrimmed).")
 @click.option("--vocab", default=None, help="Vocab file ranking the kept ids [default: one matching the tokenizer].")
-@click.option("--methods", default="full,trim@16384,trim@32768", show_default=True,
-              help="Our settings to run, comma-separated: full or trim@K, optionally +ctx (context head) and "
-                   "+lookup (prompt lookup); '' for none.")  # fmt: skip
+@click.option(
+    "--methods",
+    default="full,trim@16384,trim@32768",
+    show_default=True,
+    help="Our settings to run, comma-separated: full or trim@K, optionally +ctx (context head) and "
+    "+lookup (prompt lookup); '' for none.",
+)
 @num_draft_tokens_option(3, "Draft length of --methods.")
 @draft_threshold_option(0.0, "Draft threshold of --methods (0: fixed length).")
 @count_option("--lookup-ngram", 3, "Prompt lookup's n for +lookup methods.", 1, 16)
 @count_option("--lookup-tokens", 8, "Most tokens +lookup methods copy per target call.", 1, 64)
-@click.option("--k", "ks", default="8192,16384,32768", show_default=True,
-              help="Head sizes --auto weighs, comma-separated (the full head is always weighed).")  # fmt: skip
-@click.option("--baseline", default="auto", show_default=True,
-              help="mlx-lm's draft length for the baseline `mlx-lm-spec@N`: a number, or auto (its best on this "
-                   "machine, tuned like ours). mlx-lm's default (3) is always run too.")  # fmt: skip
+@click.option(
+    "--k",
+    "ks",
+    default="8192,16384,32768",
+    show_default=True,
+    help="Head sizes --auto weighs, comma-separated (the full head is always weighed).",
+)
+@click.option(
+    "--baseline",
+    default="auto",
+    show_default=True,
+    help="mlx-lm's draft length for the baseline `mlx-lm-spec@N`: a number, or auto (its best on this "
+    "machine, tuned like ours). mlx-lm's default (3) is always run too.",
+)
 @click.option("--auto", is_flag=True, help="Tune our settings on held-out questions, run the choice, save the profile.")
 @count_option("--auto-prompts", 4, "Held-out questions tuning decodes.")
 @click.option("--questions", default=None, help="Spec-Bench question.jsonl [default: the packaged Spec-Bench].")
@@ -427,14 +569,45 @@ def tune(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prom
 @top_p_option()
 @count_option("--repeats", 1, "Runs of each method per question, in a seeded random order.")
 @seed_option(0, "Seed of the run order (and of sampling).")
-@click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path),
-              help="Directory for bench.json, bench.md and bench.png.")  # fmt: skip
+@click.option(
+    "--out",
+    default="bench-out",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Directory for bench.json, bench.md and bench.png.",
+)
 @force_option("a finished bench in --out")
-@click.option("--save-profile/--no-save-profile", default=True, show_default=True,
-              help="With --auto, save the choice as the pair's profile on this machine.")  # fmt: skip
-def bench(model, draft_model, vocab, methods, num_draft_tokens, draft_threshold, lookup_ngram, lookup_tokens, ks,
-          baseline, auto, auto_prompts, questions, per_category, max_tokens, max_prompt_tokens, temp, top_p, repeats,
-          seed, out, force, save_profile):  # fmt: skip
+@click.option(
+    "--save-profile/--no-save-profile",
+    default=True,
+    show_default=True,
+    help="With --auto, save the choice as the pair's profile on this machine.",
+)
+def bench(
+    model,
+    draft_model,
+    vocab,
+    methods,
+    num_draft_tokens,
+    draft_threshold,
+    lookup_ngram,
+    lookup_tokens,
+    ks,
+    baseline,
+    auto,
+    auto_prompts,
+    questions,
+    per_category,
+    max_tokens,
+    max_prompt_tokens,
+    temp,
+    top_p,
+    repeats,
+    seed,
+    out,
+    force,
+    save_profile,
+):
     """Spec-Bench: the target, mlx-lm's speculative decoding and our settings side by side."""
     from .bench import run_bench
 
@@ -443,9 +616,29 @@ def bench(model, draft_model, vocab, methods, num_draft_tokens, draft_threshold,
         if len(baseline) != 1 or not 1 <= baseline[0] <= 64:
             raise VocabTrimError("--baseline takes a draft length from 1 to 64, or auto")
         baseline = baseline[0]
-    run_bench(model=model, draft_model=draft_model, vocab=vocab, methods=methods, num_draft_tokens=num_draft_tokens,
-              draft_threshold=draft_threshold, lookup_ngram=lookup_ngram, lookup_tokens=lookup_tokens,
-              ks=_int_list(ks, "--k"), baseline=baseline, auto=auto, auto_prompts=auto_prompts, questions=questions,
-              per_category=per_category, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, temp=temp,
-              top_p=top_p, repeats=repeats, seed=seed, out=out, force=force, save_profile=save_profile,
-              echo=click.echo)  # fmt: skip
+    run_bench(
+        model=model,
+        draft_model=draft_model,
+        vocab=vocab,
+        methods=methods,
+        num_draft_tokens=num_draft_tokens,
+        draft_threshold=draft_threshold,
+        lookup_ngram=lookup_ngram,
+        lookup_tokens=lookup_tokens,
+        ks=_int_list(ks, "--k"),
+        baseline=baseline,
+        auto=auto,
+        auto_prompts=auto_prompts,
+        questions=questions,
+        per_category=per_category,
+        max_tokens=max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        temp=temp,
+        top_p=top_p,
+        repeats=repeats,
+        seed=seed,
+        out=out,
+        force=force,
+        save_profile=save_profile,
+        echo=click.echo,
+    )

@@ -278,11 +278,18 @@ def write_tokenizer(reader: Any, arch: str, out: Path) -> None:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     keys = {
-        "model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens", "scores": "scores",
-        "token_type": "token_type", "merges": "merges", "add_space_prefix": "add_prefix_space",
-        "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id",
+        "model": "tokenizer_type",
+        "pre": "pre_tokenizer_type",
+        "tokens": "tokens",
+        "scores": "scores",
+        "token_type": "token_type",
+        "merges": "merges",
+        "add_space_prefix": "add_prefix_space",
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "padding_token_id": "pad_token_id",
         "unknown_token_id": "unk_token_id",
-    }  # fmt: skip
+    }
     table = {name: _field(reader, f"tokenizer.ggml.{key}") for key, name in keys.items()}
     table = {k: v for k, v in table.items() if v is not None}
     if "tokens" not in table:
@@ -334,8 +341,10 @@ def convert_gguf(
     if dtype not in DTYPES:
         raise VocabTrimError(f"--dtype {dtype} is not supported: use one of {', '.join(DTYPES)}")
     if quantize and (q_bits not in QUANT_BITS or q_group_size not in QUANT_GROUPS):
-        raise VocabTrimError(f"--q-bits {q_bits} --q-group-size {q_group_size} is not supported: bits are one of "
-                             f"{QUANT_BITS}, group sizes one of {QUANT_GROUPS}")  # fmt: skip
+        raise VocabTrimError(
+            f"--q-bits {q_bits} --q-group-size {q_group_size} is not supported: bits are one of "
+            f"{QUANT_BITS}, group sizes one of {QUANT_GROUPS}"
+        )
     out = Path(out)
     if out.exists() and not force:
         raise VocabTrimError(f"{out} already exists: pass --force to replace it, or pick another --out")
@@ -362,8 +371,9 @@ def convert_gguf(
             from mlx_lm import convert as mlx_lm_convert
 
             quantized = tmp / "quantized"
-            mlx_lm_convert(str(float_dir), mlx_path=str(quantized), quantize=True, q_bits=q_bits,
-                           q_group_size=q_group_size)  # fmt: skip
+            mlx_lm_convert(
+                str(float_dir), mlx_path=str(quantized), quantize=True, q_bits=q_bits, q_group_size=q_group_size
+            )
             shutil.rmtree(float_dir)
             for item in quantized.iterdir():
                 os.replace(item, tmp / item.name)

@@ -70,8 +70,9 @@ def write_whole(path: str | Path, write: Callable[[Path], None]) -> None:
     clean_stale(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{os.getpid()}-",
-                                    suffix=path.suffix)  # fmt: skip
+        fd, name = tempfile.mkstemp(
+            dir=path.parent, prefix=f"{_partial_prefix(path)}{os.getpid()}-", suffix=path.suffix
+        )
     except OSError as e:
         raise _write_error(path, e) from None
     os.close(fd)

@@ -55,9 +55,14 @@ def setting_from(data: dict, where: str) -> Setting:
     def integer(value: object) -> bool:
         return type(value) is int
 
-    kinds = {"k": lambda v: v is None or integer(v), "num_draft_tokens": integer, "lookup_ngram": integer,
-             "lookup_tokens": integer, "context_head": lambda v: type(v) is bool,
-             "draft_threshold": lambda v: type(v) in (int, float)}  # fmt: skip
+    kinds = {
+        "k": lambda v: v is None or integer(v),
+        "num_draft_tokens": integer,
+        "lookup_ngram": integer,
+        "lookup_tokens": integer,
+        "context_head": lambda v: type(v) is bool,
+        "draft_threshold": lambda v: type(v) in (int, float),
+    }
     try:
         if not isinstance(data, dict):
             raise ValueError("settings are not an object")
@@ -149,7 +154,12 @@ def save_profile(target_key: str, drafter_key: str, setting: Setting, measured: 
     """Write the pair's profile (to this machine's store unless `out`), replacing an earlier one."""
     path = out or _store(target_key, drafter_key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": PROFILE_FORMAT, "target": target_key, "draft_model": drafter_key, "settings": asdict(setting),
-           "measured": measured}  # fmt: skip
+    doc = {
+        "format": PROFILE_FORMAT,
+        "target": target_key,
+        "draft_model": drafter_key,
+        "settings": asdict(setting),
+        "measured": measured,
+    }
     write_text_whole(path, json.dumps(doc, indent=1, default=str) + "\n")
     return path

@@ -51,13 +51,18 @@ class Setup:
             full = (head_rows(self.drafter), head_bytes(self.drafter))
             rows, nbytes = (record.rows, record.nbytes) if record else full
             lines.append(f"Drafter: {self.names[1]}")
-            lines.append(f"Drafter head: {rows} -> {head_rows(self.drafter)} rows "
-                         f"({nbytes / 1e6:.1f} MB -> {head_bytes(self.drafter) / 1e6:.1f} MB)")  # fmt: skip
+            lines.append(
+                f"Drafter head: {rows} -> {head_rows(self.drafter)} rows "
+                f"({nbytes / 1e6:.1f} MB -> {head_bytes(self.drafter) / 1e6:.1f} MB)"
+            )
             if self.vocab:
                 lines.append(f"Vocab: {self.vocab}")
         shown = {"k": "full" if self.setting.k is None else self.setting.k}
-        parts = [f"{name.replace('_', '-')}={shown.get(name, getattr(self.setting, name))} ({self.sources[name]})"
-                 for name in SETTING_FIELDS if name in self.sources]  # fmt: skip
+        parts = [
+            f"{name.replace('_', '-')}={shown.get(name, getattr(self.setting, name))} ({self.sources[name]})"
+            for name in SETTING_FIELDS
+            if name in self.sources
+        ]
         lines.append("Settings: " + ", ".join(parts))
         return lines
 
@@ -112,8 +117,14 @@ def load(
     """Load and set up a run. With no models named, the packaged pair; with only a drafter, the
     packaged target; with only a target (or draft_model "none"), the target alone. Settings
     left None come from the pair's profile, else the built-in defaults."""
-    explicit = {"k": k, "num_draft_tokens": num_draft_tokens, "draft_threshold": draft_threshold,
-                "context_head": context_head, "lookup_ngram": lookup_ngram, "lookup_tokens": lookup_tokens}  # fmt: skip
+    explicit = {
+        "k": k,
+        "num_draft_tokens": num_draft_tokens,
+        "draft_threshold": draft_threshold,
+        "context_head": context_head,
+        "lookup_ngram": lookup_ngram,
+        "lookup_tokens": lookup_tokens,
+    }
     if model is None and draft_model is None:
         model, draft_model = DEFAULT_TARGET, DEFAULT_DRAFTER
     model = model or DEFAULT_TARGET
@@ -141,19 +152,25 @@ def load(
     vocab_path = None
     if getattr(drafter, "vocab_remap", None) is not None:
         if vocab is not None or k is not None:
-            raise VocabTrimError(f"{draft_model} is already trimmed to {rows} rows: drop --vocab/--k, or pass the "
-                                 "untrimmed drafter to trim it")  # fmt: skip
+            raise VocabTrimError(
+                f"{draft_model} is already trimmed to {rows} rows: drop --vocab/--k, or pass the "
+                "untrimmed drafter to trim it"
+            )
         setting = replace(setting, k=rows)
         sources["k"] = "the trimmed drafter directory"
     elif vocab is not None or k is not None or (setting.k is not None and setting.k < rows):
         vocab_path, how = vocab_for(tokenizer, vocab)
         if vocab_path is None:
             if k is not None:
-                raise VocabTrimError(f"--k needs a vocab: none matches {model}'s tokenizer; pass --vocab FILE "
-                                     f"(`mlx-vocabtrim calibrate --model {model} --out FILE` makes one)")  # fmt: skip
-            notes.append(f"Note: no vocab matches {model}'s tokenizer, so the drafter keeps its full head; "
-                         f"`mlx-vocabtrim calibrate --model {model} --out v.vocab.json.gz` makes one "
-                         "(then pass --vocab v.vocab.json.gz)")  # fmt: skip
+                raise VocabTrimError(
+                    f"--k needs a vocab: none matches {model}'s tokenizer; pass --vocab FILE "
+                    f"(`mlx-vocabtrim calibrate --model {model} --out FILE` makes one)"
+                )
+            notes.append(
+                f"Note: no vocab matches {model}'s tokenizer, so the drafter keeps its full head; "
+                f"`mlx-vocabtrim calibrate --model {model} --out v.vocab.json.gz` makes one "
+                "(then pass --vocab v.vocab.json.gz)"
+            )
             setting, sources["k"] = replace(setting, k=None), "full head: no matching vocab"
         else:
             ranked = read_ranked_ids(vocab_path, tokenizer)
@@ -166,8 +183,10 @@ def load(
         setting = replace(setting, k=None)
     if setting.context_head and setting.k is not None and getattr(drafter, "trim_record", None) is not None:
         if drafter.trim_record.head is None:
-            notes.append(f"Note: {draft_model} has no full head to add context rows from (trimmed with "
-                         "--no-context-head): drafting with its kept rows only")  # fmt: skip
+            notes.append(
+                f"Note: {draft_model} has no full head to add context rows from (trimmed with "
+                "--no-context-head): drafting with its kept rows only"
+            )
             setting, sources["context_head"] = replace(setting, context_head=False), "unavailable in the drafter"
     return Setup(target, tokenizer, drafter, setting, sources, (model, draft_model), vocab_path, notes)
 

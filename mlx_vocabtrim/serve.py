@@ -64,8 +64,14 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
-               500: "internal_error", 503: "server_busy"}  # fmt: skip
+ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    500: "internal_error",
+    503: "server_busy",
+}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -122,8 +128,9 @@ class Fields(BaseModel):
     @classmethod
     def _stop(cls, value: Any) -> Any:
         stops = [value] if isinstance(value, str) else value
-        if value is not None and not (isinstance(stops, list) and len(stops) <= 4
-                                      and all(isinstance(s, str) and s for s in stops)):  # fmt: skip
+        if value is not None and not (
+            isinstance(stops, list) and len(stops) <= 4 and all(isinstance(s, str) and s for s in stops)
+        ):
             raise ValueError("use a non-empty string or a list of up to 4 of them")
         return value
 
@@ -191,8 +198,9 @@ def parse_request(body: Any, kind: type[Fields], names: tuple[str, ...], limits:
         raise RequestError(400, "the request holds an unpaired surrogate escape (\\ud800-\\udfff): send valid Unicode")
     for name in body:
         if name in FORBIDDEN or name.endswith("_path"):
-            raise RequestError(400, f"{name} is not accepted: this server's models are fixed at start-up "
-                                    "(see /v1/models)", name)  # fmt: skip
+            raise RequestError(
+                400, f"{name} is not accepted: this server's models are fixed at start-up (see /v1/models)", name
+            )
     model = body.get("model")
     if isinstance(model, str) and model not in names:
         shown = model if len(model) <= 80 else model[:80] + "..."
@@ -211,13 +219,18 @@ def parse_request(body: Any, kind: type[Fields], names: tuple[str, ...], limits:
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(request, name)
         if value is not None and value > limits.max_tokens_limit:
-            raise RequestError(400, f"{name} {value} is over this server's limit of {limits.max_tokens_limit} "
-                                    "(--max-tokens-limit): ask for fewer", name)  # fmt: skip
+            raise RequestError(
+                400,
+                f"{name} {value} is over this server's limit of {limits.max_tokens_limit} "
+                "(--max-tokens-limit): ask for fewer",
+                name,
+            )
     for key in request.logit_bias or {}:
         if not (key.isascii() and key.isdigit() and len(key) < 10 and int(key) < limits.vocab):
             shown = key if len(key) <= 30 else key[:30] + "..."
-            raise RequestError(400, f"logit_bias names token {shown!r}: use token ids from 0 to {limits.vocab - 1}",
-                               "logit_bias")  # fmt: skip
+            raise RequestError(
+                400, f"logit_bias names token {shown!r}: use token ids from 0 to {limits.vocab - 1}", "logit_bias"
+            )
     return request
 
 
@@ -292,8 +305,11 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self.cond:
             if len(self.waiting) + (self.running is not None) > self.max_queue:
-                raise RequestError(503, f"the server is busy: {len(self.waiting)} requests are waiting (--max-queue "
-                                        f"{self.max_queue}); retry later")  # fmt: skip
+                raise RequestError(
+                    503,
+                    f"the server is busy: {len(self.waiting)} requests are waiting (--max-queue "
+                    f"{self.max_queue}); retry later",
+                )
             self.waiting.append(job)
             self.cond.notify()
 
@@ -392,10 +408,20 @@ class Engine:
         if job.seed is not None:
             mx.random.seed(job.seed)
         tic = time.perf_counter()
-        stream = stream_generate(setup.target, setup.tokenizer, prompt[reused:], setup.drafter,
-                                 max_tokens=job.max_tokens, temp=job.temp, top_p=job.top_p, prompt_cache=self.cache,
-                                 context=prompt[:reused], logit_bias=job.logit_bias, prefill_step_size=self.step,
-                                 **setup.generation_kwargs())  # fmt: skip
+        stream = stream_generate(
+            setup.target,
+            setup.tokenizer,
+            prompt[reused:],
+            setup.drafter,
+            max_tokens=job.max_tokens,
+            temp=job.temp,
+            top_p=job.top_p,
+            prompt_cache=self.cache,
+            context=prompt[:reused],
+            logit_bias=job.logit_bias,
+            prefill_step_size=self.step,
+            **setup.generation_kwargs(),
+        )
         text, sent, finish, response = "", 0, None, None
         try:
             for response in stream:
@@ -417,16 +443,27 @@ class Engine:
         self.keep(prompt)
         tokens = response.generation_tokens if response else 0
         calls = response.target_calls if response else 0
-        speculation = {"draft_tokens": response.draft_tokens if response else 0,
-                       "accepted_tokens": response.accepted_tokens if response else 0, "target_calls": calls,
-                       "tokens_per_target_call": round(tokens / calls, 3) if calls else 0.0}  # fmt: skip
+        speculation = {
+            "draft_tokens": response.draft_tokens if response else 0,
+            "accepted_tokens": response.accepted_tokens if response else 0,
+            "target_calls": calls,
+            "tokens_per_target_call": round(tokens / calls, 3) if calls else 0.0,
+        }
         if self.verbose:
             seconds = time.perf_counter() - tic
-            click.echo(f"{job.id}: {len(prompt)} prompt tokens ({reused} reused), {tokens} tokens in {seconds:.2f} s "
-                       f"({tokens / max(seconds, 1e-9):.1f} tok/s), {speculation['tokens_per_target_call']} per "
-                       f"target call, {finish or 'cancelled'}", err=True)  # fmt: skip
-        return {"finish_reason": finish, "prompt_tokens": len(prompt), "completion_tokens": tokens,
-                "cached_tokens": reused, "speculation": speculation}  # fmt: skip
+            click.echo(
+                f"{job.id}: {len(prompt)} prompt tokens ({reused} reused), {tokens} tokens in {seconds:.2f} s "
+                f"({tokens / max(seconds, 1e-9):.1f} tok/s), {speculation['tokens_per_target_call']} per "
+                f"target call, {finish or 'cancelled'}",
+                err=True,
+            )
+        return {
+            "finish_reason": finish,
+            "prompt_tokens": len(prompt),
+            "completion_tokens": tokens,
+            "cached_tokens": reused,
+            "speculation": speculation,
+        }
 
 
 # ---- HTTP -----------------------------------------------------------------------------------
@@ -463,9 +500,12 @@ async def read_body(request: Any) -> Any:
 
 
 def usage(result: dict) -> dict:
-    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-            "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-            "prompt_tokens_details": {"cached_tokens": result["cached_tokens"]}}  # fmt: skip
+    return {
+        "prompt_tokens": result["prompt_tokens"],
+        "completion_tokens": result["completion_tokens"],
+        "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+        "prompt_tokens_details": {"cached_tokens": result["cached_tokens"]},
+    }
 
 
 def choice(chat: bool, text: str | None, finish: str | None, whole: bool = False) -> dict:
@@ -490,8 +530,9 @@ LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
 
 
-def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: str = "local",
-               loopback: bool = True) -> Any:  # fmt: skip
+def create_app(
+    engine: Engine, names: tuple[str, ...], limits: Limits, origins: str = "local", loopback: bool = True
+) -> Any:
     """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     `origins` says which web pages may call it from a browser (CORS): "local" (pages served
@@ -513,8 +554,13 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
     if origins != "none":
         listed = {"local": [], "*": ["*"]}.get(origins, [o.strip() for o in origins.split(",") if o.strip()])
         local = LOCAL_ORIGINS if origins == "local" else None
-        app.add_middleware(CORSMiddleware, allow_origins=listed, allow_origin_regex=local,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=listed,
+            allow_origin_regex=local,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
     started = int(time.time())
 
     @app.exception_handler(RequestError)
@@ -525,8 +571,10 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         path = request.url.path
-        message = {404: f"no endpoint {path}: use /v1/chat/completions, /v1/completions, /v1/models or /health",
-                   405: f"{request.method} is not allowed on {path}"}.get(e.status_code)  # fmt: skip
+        message = {
+            404: f"no endpoint {path}: use /v1/chat/completions, /v1/completions, /v1/models or /health",
+            405: f"{request.method} is not allowed on {path}",
+        }.get(e.status_code)
         return JSONResponse(error_body(e.status_code, message or str(e.detail)), status_code=e.status_code)
 
     @app.exception_handler(Exception)
@@ -539,8 +587,10 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": names[0], "object": "model", "created": started,
-                                            "owned_by": "mlx-vocabtrim"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": names[0], "object": "model", "created": started, "owned_by": "mlx-vocabtrim"}],
+        }
 
     async def watch(request: Request, job: Job, events: asyncio.Queue) -> None:
         """Cancel `job` once its client disconnects, and wake whoever waits on its events."""
@@ -553,9 +603,12 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
         parsed = parse_request(await read_body(request), kind, names, limits)
         ids = await run_in_threadpool(prompt_ids, engine.setup.tokenizer, parsed)
         if len(ids) > limits.max_prompt_tokens:
-            raise RequestError(400, f"the prompt is {len(ids)} tokens, over this server's limit of "
-                                    f"{limits.max_prompt_tokens} (--max-prompt-tokens): shorten it",
-                               "messages" if kind is ChatRequest else "prompt")  # fmt: skip
+            raise RequestError(
+                400,
+                f"the prompt is {len(ids)} tokens, over this server's limit of "
+                f"{limits.max_prompt_tokens} (--max-prompt-tokens): shorten it",
+                "messages" if kind is ChatRequest else "prompt",
+            )
         wanted = parsed.max_completion_tokens or parsed.max_tokens or limits.max_tokens
         if limits.context is not None:
             wanted = min(wanted, limits.context - len(ids))  # generation ends at the end of the context
@@ -568,9 +621,17 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
                 pass
 
         chat = kind is ChatRequest
-        job = Job(ids, wanted, send, parsed.temperature or 0.0, 1.0 if parsed.top_p is None else parsed.top_p,
-                  parsed.seed, parsed.stops(), {int(k): v for k, v in (parsed.logit_bias or {}).items()} or None,
-                  f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")  # fmt: skip
+        job = Job(
+            ids,
+            wanted,
+            send,
+            parsed.temperature or 0.0,
+            1.0 if parsed.top_p is None else parsed.top_p,
+            parsed.seed,
+            parsed.stops(),
+            {int(k): v for k, v in (parsed.logit_bias or {}).items()} or None,
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        )
         engine.submit(job)
         head = {"id": job.id, "created": int(time.time()), "model": names[0]}
         if parsed.stream:
@@ -581,8 +642,19 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
                 watcher = asyncio.create_task(watch(request, job, events))
                 try:
                     if chat:
-                        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                        "logprobs": None, "finish_reason": None}]})  # fmt: skip
+                        yield sse(
+                            {
+                                **head,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
                     while (message := await events.get())[0] == "text":
                         yield sse({**head, "choices": [choice(chat, message[1], None)]})
                     what, value = message
@@ -615,9 +687,13 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
             raise RequestError(*value)
         if what == "gone":
             return JSONResponse(error_body(400, "the client disconnected"), status_code=400)
-        return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [choice(chat, "".join(pieces), value["finish_reason"], whole=True)], "usage": usage(value),
-                "speculation": value["speculation"]}  # fmt: skip
+        return {
+            **head,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice(chat, "".join(pieces), value["finish_reason"], whole=True)],
+            "usage": usage(value),
+            "speculation": value["speculation"],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -636,8 +712,9 @@ def create_app(engine: Engine, names: tuple[str, ...], limits: Limits, origins: 
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, not yet listening; a one-line error when that cannot be."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except (socket.gaierror, UnicodeError) as e:
         raise VocabTrimError(f"--host {host} is not an address of this machine ({e}): pass --host 127.0.0.1") from None
     sock = socket.socket(family, kind, proto)
@@ -647,35 +724,68 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise VocabTrimError(f"port {port} on {host} is in use: pass --port with a free port (0 picks one), or "
-                                 "stop what is using it") from None  # fmt: skip
+            raise VocabTrimError(
+                f"port {port} on {host} is in use: pass --port with a free port (0 picks one), or stop what is using it"
+            ) from None
         if e.errno == errno.EACCES:
             raise VocabTrimError(f"port {port} on {host} needs privileges: pass --port 1024 or above") from None
-        raise VocabTrimError(f"cannot listen on {host} port {port} ({e.strerror}): pass --host 127.0.0.1 or "
-                             "another --port") from None  # fmt: skip
+        raise VocabTrimError(
+            f"cannot listen on {host} port {port} ({e.strerror}): pass --host 127.0.0.1 or another --port"
+        ) from None
     return sock
 
 
 @click.command()
 @pair_options(DEFAULT_TARGET, DEFAULT_DRAFTER)
 @draft_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 opens the server to the network).")  # fmt: skip
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 opens the server to the network).",
+)
 @count_option("--port", 8080, "Port to listen on (0: any free port).", 0, 65535)
 @count_option("--max-tokens", 512, "Tokens a request gets when it names no max_tokens.")
 @count_option("--max-tokens-limit", 4096, "Most tokens one request may ask for (more: a 400 error).")
-@count_option("--max-prompt-tokens", None, f"Longest prompt in tokens (longer: a 400 error) [default: "
-                                           f"{DEFAULT_PROMPT_LIMIT}, within the model's context].")  # fmt: skip
+@count_option(
+    "--max-prompt-tokens",
+    None,
+    f"Longest prompt in tokens (longer: a 400 error) [default: {DEFAULT_PROMPT_LIMIT}, within the model's context].",
+)
 @count_option("--max-queue", 32, "Requests that may wait while one generates (more: a 503 error).", 0)
-@count_option("--prefill-step-size", 512, "Prompt tokens per prefill pass; the KV cache is reused across requests "
-                                          "in whole passes.")  # fmt: skip
-@click.option("--allowed-origins", default="local", show_default=True,
-              help="Web pages that may call the server from a browser (CORS): local (pages served from this "
-                   "machine), * (any), none, or a comma-separated list of origins.")  # fmt: skip
+@count_option(
+    "--prefill-step-size",
+    512,
+    "Prompt tokens per prefill pass; the KV cache is reused across requests in whole passes.",
+)
+@click.option(
+    "--allowed-origins",
+    default="local",
+    show_default=True,
+    help="Web pages that may call the server from a browser (CORS): local (pages served from this "
+    "machine), * (any), none, or a comma-separated list of origins.",
+)
 @click.option("--verbose", is_flag=True, help="Print the setup, then one line per request and the access log.")
-def serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, context_head, lookup_ngram, lookup_tokens,
-          host, port, max_tokens, max_tokens_limit, max_prompt_tokens, max_queue, prefill_step_size, allowed_origins,
-          verbose):  # fmt: skip
+def serve(
+    model,
+    draft_model,
+    vocab,
+    k,
+    num_draft_tokens,
+    draft_threshold,
+    context_head,
+    lookup_ngram,
+    lookup_tokens,
+    host,
+    port,
+    max_tokens,
+    max_tokens_limit,
+    max_prompt_tokens,
+    max_queue,
+    prefill_step_size,
+    allowed_origins,
+    verbose,
+):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     on the speculative generator: lossless, one request at a time in arrival order."""
     import uvicorn
@@ -685,8 +795,9 @@ def serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, conte
     from .vocab import real_size
 
     if max_tokens > max_tokens_limit:
-        raise VocabTrimError(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}: lower it or "
-                             "raise the limit")  # fmt: skip
+        raise VocabTrimError(
+            f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}: lower it or raise the limit"
+        )
     sock = bind(host, port)  # before loading: a busy port fails at once (nothing listens until the models are ready)
     try:
         try:
@@ -697,15 +808,19 @@ def serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, conte
             if verbose:
                 traceback.print_exc()
             reason = first_line(e)
-            raise VocabTrimError(f"cannot set up the models ({type(e).__name__}: {reason}): check --model, "
-                                 "--draft-model and --vocab (--verbose prints the traceback)") from None  # fmt: skip
+            raise VocabTrimError(
+                f"cannot set up the models ({type(e).__name__}: {reason}): check --model, "
+                "--draft-model and --vocab (--verbose prints the traceback)"
+            ) from None
         context = getattr(getattr(setup.target, "args", None), "max_position_embeddings", None)
         context = context if isinstance(context, int) and context > 1 else None
         if max_prompt_tokens is None:
             max_prompt_tokens = min(DEFAULT_PROMPT_LIMIT, context - 1) if context else DEFAULT_PROMPT_LIMIT
         elif context is not None and max_prompt_tokens >= context:
-            raise VocabTrimError(f"--max-prompt-tokens {max_prompt_tokens} leaves no room in the model's context of "
-                                 f"{context} tokens: pass at most {context - 1}")  # fmt: skip
+            raise VocabTrimError(
+                f"--max-prompt-tokens {max_prompt_tokens} leaves no room in the model's context of "
+                f"{context} tokens: pass at most {context - 1}"
+            )
         if verbose:
             for line in setup.describe():
                 click.echo(line)
@@ -715,8 +830,14 @@ def serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, conte
         engine = Engine(setup, max_queue=max_queue, prefill_step=prefill_step_size, verbose=verbose)
         loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
         app = create_app(engine, (name, ALIAS), limits, allowed_origins, loopback)
-        config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="off",
-                                ws="none", timeout_graceful_shutdown=3)  # fmt: skip
+        config = uvicorn.Config(
+            app,
+            log_level="info" if verbose else "warning",
+            access_log=verbose,
+            lifespan="off",
+            ws="none",
+            timeout_graceful_shutdown=3,
+        )
         http = uvicorn.Server(config)
 
         def run_http() -> None:

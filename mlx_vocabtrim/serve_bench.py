@@ -69,8 +69,9 @@ def running(name: str, command: list[str], port: int, log: Path):
 def ask(url: str, prompt: str, max_tokens: int) -> dict:
     """One greedy chat request: its text, completion tokens and wall time."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0.0}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     tic = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=3600) as response:
@@ -79,8 +80,13 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
         raise VocabTrimError(f"{url} answered {e.code}: {e.read()[:300]!r}") from None
     seconds = time.perf_counter() - tic
     tokens = answer["usage"]["completion_tokens"]
-    return {"text": answer["choices"][0]["message"]["content"], "completion_tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "finish_reason": answer["choices"][0]["finish_reason"]}  # fmt: skip
+    return {
+        "text": answer["choices"][0]["message"]["content"],
+        "completion_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "finish_reason": answer["choices"][0]["finish_reason"],
+    }
 
 
 def ask_all(url: str, prompts: list[str], max_tokens: int, clients: int) -> tuple[list[dict], float]:
@@ -119,24 +125,31 @@ def target_texts(model: str, prompts: list[str], max_tokens: int) -> list[str]:
     from .speculative import generate
 
     setup = load(model, "none")
-    ids = [setup.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-           for p in prompts]  # fmt: skip
+    ids = [
+        setup.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in prompts
+    ]
     return [generate(setup.target, setup.tokenizer, i, None, max_tokens=max_tokens) for i in ids]
 
 
-def summarize(sequential: list[dict], concurrent: list[dict], wall: float, ours: list[str],
-              target: list[str] | None) -> dict:  # fmt: skip
+def summarize(
+    sequential: list[dict], concurrent: list[dict], wall: float, ours: list[str], target: list[str] | None
+) -> dict:
     """A server's figures; `ours` and `target` are the reference texts."""
     speeds = [r["tokens_per_s"] for r in sequential]
 
     def differ(runs: list[dict], reference: list[str] | None) -> int | None:
         return None if reference is None else sum(r["text"] != t for r, t in zip(runs, reference, strict=True))
 
-    return {"requests": len(sequential), "median_tokens_per_s": statistics.median(speeds),
-            "mean_tokens_per_s": statistics.fmean(speeds),
-            "concurrent_tokens_per_s": sum(r["completion_tokens"] for r in concurrent) / wall,
-            "concurrent_wall_s": wall, "mismatches_vs_ours": [differ(sequential, ours), differ(concurrent, ours)],
-            "mismatches_vs_target": [differ(sequential, target), differ(concurrent, target)]}  # fmt: skip
+    return {
+        "requests": len(sequential),
+        "median_tokens_per_s": statistics.median(speeds),
+        "mean_tokens_per_s": statistics.fmean(speeds),
+        "concurrent_tokens_per_s": sum(r["completion_tokens"] for r in concurrent) / wall,
+        "concurrent_wall_s": wall,
+        "mismatches_vs_ours": [differ(sequential, ours), differ(concurrent, ours)],
+        "mismatches_vs_target": [differ(sequential, target), differ(concurrent, target)],
+    }
 
 
 def markdown(summary: dict[str, dict], env: dict, clients: int, max_tokens: int) -> str:
@@ -155,34 +168,69 @@ def markdown(summary: dict[str, dict], env: dict, clients: int, max_tokens: int)
         return "-" if pair[0] is None else f"{pair[0]}, {pair[1]}"
 
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['requests']} | {s['median_tokens_per_s']:.3f} | {s['mean_tokens_per_s']:.3f} | "
-                     f"{s['concurrent_tokens_per_s']:.3f} | {count(s['mismatches_vs_ours'])} | "
-                     f"{count(s['mismatches_vs_target'])} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {s['requests']} | {s['median_tokens_per_s']:.3f} | {s['mean_tokens_per_s']:.3f} | "
+            f"{s['concurrent_tokens_per_s']:.3f} | {count(s['mismatches_vs_ours'])} | "
+            f"{count(s['mismatches_vs_target'])} |"
+        )
     ours, theirs = summary[OURS], summary[THEIRS]
-    ratio = {key: ours[key] / theirs[key] for key in ("median_tokens_per_s", "mean_tokens_per_s",
-                                                      "concurrent_tokens_per_s")}  # fmt: skip
-    lines += ["", f"`{OURS}` over `{THEIRS}`: median {ratio['median_tokens_per_s']:.2f}x, mean "
-                  f"{ratio['mean_tokens_per_s']:.2f}x, aggregate with {clients} clients "
-                  f"{ratio['concurrent_tokens_per_s']:.2f}x."]  # fmt: skip
+    ratio = {
+        key: ours[key] / theirs[key] for key in ("median_tokens_per_s", "mean_tokens_per_s", "concurrent_tokens_per_s")
+    }
+    lines += [
+        "",
+        f"`{OURS}` over `{THEIRS}`: median {ratio['median_tokens_per_s']:.2f}x, mean "
+        f"{ratio['mean_tokens_per_s']:.2f}x, aggregate with {clients} clients "
+        f"{ratio['concurrent_tokens_per_s']:.2f}x.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 @click.command(name="bench-serve")
 @click.option("--model", default=DEFAULT_TARGET, show_default=True, help="Target model.")
-@click.option("--draft-model", default=DEFAULT_DRAFTER, show_default=True,
-              help="Drafter, untrimmed: mlx_lm.server drafts with all of it, ours trims it like `serve`.")  # fmt: skip
+@click.option(
+    "--draft-model",
+    default=DEFAULT_DRAFTER,
+    show_default=True,
+    help="Drafter, untrimmed: mlx_lm.server drafts with all of it, ours trims it like `serve`.",
+)
 @draft_options
 @click.option("--questions", default=None, help="Spec-Bench question.jsonl [default: the packaged Spec-Bench].")
 @count_option("--per-category", 2, "Questions per Spec-Bench category.")
 @count_option("--max-tokens", 128, "Tokens per answer.")
 @count_option("--clients", 4, "Clients sending at once in the concurrent pass.")
-@click.option("--check-target/--no-check-target", default=True, show_default=True,
-              help="Also decode every question with the target alone and count the outputs unlike it.")  # fmt: skip
-@click.option("--out", default="bench-serve-out", show_default=True, type=click.Path(path_type=Path),
-              help="Directory for bench-serve.json, bench-serve.md and the servers' logs.")  # fmt: skip
+@click.option(
+    "--check-target/--no-check-target",
+    default=True,
+    show_default=True,
+    help="Also decode every question with the target alone and count the outputs unlike it.",
+)
+@click.option(
+    "--out",
+    default="bench-serve-out",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Directory for bench-serve.json, bench-serve.md and the servers' logs.",
+)
 @force_option("a finished bench-serve in --out")
-def bench_serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold, context_head, lookup_ngram,
-                lookup_tokens, questions, per_category, max_tokens, clients, check_target, out, force):  # fmt: skip
+def bench_serve(
+    model,
+    draft_model,
+    vocab,
+    k,
+    num_draft_tokens,
+    draft_threshold,
+    context_head,
+    lookup_ngram,
+    lookup_tokens,
+    questions,
+    per_category,
+    max_tokens,
+    clients,
+    check_target,
+    out,
+    force,
+):
     """Our server against mlx_lm.server --draft-model over HTTP: greedy Spec-Bench requests one at a
     time, then from several clients at once; tokens/s and outputs compared."""
     from .bench import environment
@@ -196,11 +244,18 @@ def bench_serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold,
     report_path = check_output(Path(out) / "bench-serve.json", force=force)
     target_path, drafter_path = resolve_model(model), resolve_model(draft_model)
     if is_trimmed_dir(drafter_path):
-        raise VocabTrimError(f"{draft_model} is a trimmed drafter directory, which mlx_lm.server cannot load: pass "
-                             "the untrimmed drafter (our server trims it with --vocab/--k)")  # fmt: skip
-    settings = {"--vocab": vocab, "--k": k, "--num-draft-tokens": num_draft_tokens,
-                "--draft-threshold": draft_threshold, "--lookup-ngram": lookup_ngram,
-                "--lookup-tokens": lookup_tokens}  # fmt: skip
+        raise VocabTrimError(
+            f"{draft_model} is a trimmed drafter directory, which mlx_lm.server cannot load: pass "
+            "the untrimmed drafter (our server trims it with --vocab/--k)"
+        )
+    settings = {
+        "--vocab": vocab,
+        "--k": k,
+        "--num-draft-tokens": num_draft_tokens,
+        "--draft-threshold": draft_threshold,
+        "--lookup-ngram": lookup_ngram,
+        "--lookup-tokens": lookup_tokens,
+    }
     flags = [word for flag, value in settings.items() if value is not None for word in (flag, str(value))]
     if context_head is not None:
         flags.append("--context-head" if context_head else "--no-context-head")
@@ -208,12 +263,36 @@ def bench_serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold,
     with output_lock(report_path, force=force):
         report_path.parent.mkdir(parents=True, exist_ok=True)
         commands = {
-            OURS: [sys.executable, "-m", "mlx_vocabtrim", "serve", "--model", model, "--draft-model", draft_model,
-                   *flags, "--max-tokens", str(max_tokens), "--max-tokens-limit", str(max_tokens), "--max-queue",
-                   str(clients)],
-            THEIRS: [sys.executable, "-m", "mlx_lm", "server", "--model", target_path, "--draft-model", drafter_path,
-                     "--log-level", "WARNING"],
-        }  # fmt: skip
+            OURS: [
+                sys.executable,
+                "-m",
+                "mlx_vocabtrim",
+                "serve",
+                "--model",
+                model,
+                "--draft-model",
+                draft_model,
+                *flags,
+                "--max-tokens",
+                str(max_tokens),
+                "--max-tokens-limit",
+                str(max_tokens),
+                "--max-queue",
+                str(clients),
+            ],
+            THEIRS: [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "server",
+                "--model",
+                target_path,
+                "--draft-model",
+                drafter_path,
+                "--log-level",
+                "WARNING",
+            ],
+        }
         runs: dict[str, tuple[list[dict], list[dict], float]] = {}
         for name, command in commands.items():
             port = free_port()
@@ -232,16 +311,31 @@ def bench_serve(model, draft_model, vocab, k, num_draft_tokens, draft_threshold,
         summary = {name: summarize(*run, ours, target) for name, run in runs.items()}
         env = environment()
         table = markdown(summary, env, clients, max_tokens)
-        records = [{"server": name, "pass": kind, "question_id": q["question_id"], "category": q["category"], **r}
-                   for name, run in runs.items()
-                   for kind, answers in zip(("sequential", "concurrent"), run[:2], strict=True)
-                   for q, r in zip(picked, answers, strict=True)]  # fmt: skip
-        config = {"model": model, "draft_model": draft_model, "target_path": target_path,
-                  "drafter_path": drafter_path, "our_flags": flags, "questions": str(questions or PACKAGED_QUESTIONS),
-                  "per_category": per_category, "max_tokens": max_tokens, "clients": clients,
-                  "commands": {name: command for name, command in commands.items()}}  # fmt: skip
-        report = {"environment": env, "config": config, "command": command_line(), "summary": summary,
-                  "requests": records}  # fmt: skip
+        records = [
+            {"server": name, "pass": kind, "question_id": q["question_id"], "category": q["category"], **r}
+            for name, run in runs.items()
+            for kind, answers in zip(("sequential", "concurrent"), run[:2], strict=True)
+            for q, r in zip(picked, answers, strict=True)
+        ]
+        config = {
+            "model": model,
+            "draft_model": draft_model,
+            "target_path": target_path,
+            "drafter_path": drafter_path,
+            "our_flags": flags,
+            "questions": str(questions or PACKAGED_QUESTIONS),
+            "per_category": per_category,
+            "max_tokens": max_tokens,
+            "clients": clients,
+            "commands": {name: command for name, command in commands.items()},
+        }
+        report = {
+            "environment": env,
+            "config": config,
+            "command": command_line(),
+            "summary": summary,
+            "requests": records,
+        }
         write_text_whole(report_path, json.dumps(report, indent=1, default=str) + "\n")
         write_text_whole(report_path.with_name("bench-serve.md"), table)
     click.echo(table, nl=False)

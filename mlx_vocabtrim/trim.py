@@ -283,9 +283,12 @@ def load_draft(path: str | Path) -> tuple[nn.Module, Any]:
     if "quantization" in config:
         q = config["quantization"]
         nn.quantize(
-            model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
             class_predicate=lambda p, _: f"{p}.scales" in weights,
-        )  # fmt: skip
+        )
     remap = weights.pop("vocab_remap", None)
     if remap is None:
         raise VocabTrimError(f"{path} has no vocab_remap weights: run `mlx-vocabtrim trim` again")

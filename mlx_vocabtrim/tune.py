@@ -76,8 +76,9 @@ def trace(
     each position."""
     if answer is None:
         answer = []
-        for token, _, _ in speculative_generate_step(prompt, model, drafter, num_draft_tokens=4,
-                                                     max_tokens=max_tokens, context_head=False):  # fmt: skip
+        for token, _, _ in speculative_generate_step(
+            prompt, model, drafter, num_draft_tokens=4, max_tokens=max_tokens, context_head=False
+        ):
             answer.append(token)
             if token in eos:
                 break
@@ -223,8 +224,11 @@ def predict(traces: list[Trace], setting: Setting, costs: Costs, lookups: list[d
     for tr, lk in zip(traces, lookups, strict=True):
         t, c, s, sec = replay(tr, setting, costs, lk)
         tokens, calls, steps, seconds = tokens + t, calls + c, steps + s, seconds + sec
-    return {"expected_tau": tokens / calls, "drafter_steps_per_call": steps / calls,
-            "predicted_tokens_per_s": tokens / seconds}  # fmt: skip
+    return {
+        "expected_tau": tokens / calls,
+        "drafter_steps_per_call": steps / calls,
+        "predicted_tokens_per_s": tokens / seconds,
+    }
 
 
 def _timed(fn: Callable[[], mx.array], repeats: int = 5) -> float:
@@ -313,8 +317,11 @@ def tune(
         table.append(asdict(setting) | predict(traces, setting, costs, lookups))
     best = max(table, key=lambda row: row["predicted_tokens_per_s"])
     with_both = [row for row in table if row["context_head"] and row["lookup_ngram"]]
-    baseline = [row for row in table if row["k"] is None and not row["lookup_ngram"] and not row["draft_threshold"]
-                and row["num_draft_tokens"] >= 1]  # fmt: skip
+    baseline = [
+        row
+        for row in table
+        if row["k"] is None and not row["lookup_ngram"] and not row["draft_threshold"] and row["num_draft_tokens"] >= 1
+    ]
     best_baseline = max(baseline, key=lambda row: row["predicted_tokens_per_s"])
     top = sorted(table, key=lambda row: -row["predicted_tokens_per_s"])[:40]
     return {

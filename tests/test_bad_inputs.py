@@ -71,11 +71,24 @@ def bad_vocab(counts, fingerprint: bool = True) -> Callable[[Env], Case]:
     return build
 
 
-def calibrate_args(env: Env, *extra: str, model: str | None = None, data: Path | None = None,
-                   out: Path | None = None) -> list[str]:  # fmt: skip
+def calibrate_args(
+    env: Env, *extra: str, model: str | None = None, data: Path | None = None, out: Path | None = None
+) -> list[str]:
     """Counting the raw text of the shared data file (no model weights loaded), one prompt per batch."""
-    return ["calibrate", "--model", model or env.target, "--source", "dataset", "--data", str(data or env.data),
-            "--batch-size", "1", "--out", str(out or env.dir / "v.json"), *extra]  # fmt: skip
+    return [
+        "calibrate",
+        "--model",
+        model or env.target,
+        "--source",
+        "dataset",
+        "--data",
+        str(data or env.data),
+        "--batch-size",
+        "1",
+        "--out",
+        str(out or env.dir / "v.json"),
+        *extra,
+    ]
 
 
 def bad_checkpoint(message: str, doc: object = None, **changes) -> Callable[[Env], Case]:
@@ -91,8 +104,9 @@ def bad_checkpoint(message: str, doc: object = None, **changes) -> Callable[[Env
 
 def calibrate_out(out: Callable[[Env], str], message: str) -> Callable[[Env], Case]:
     """calibrate of the target's answers with a bad --out: refused before any model is loaded."""
-    return lambda env: Case(["calibrate", "--model", env.unused_model, "--data", str(env.data), "--out", out(env)],
-                            message)  # fmt: skip
+    return lambda env: Case(
+        ["calibrate", "--model", env.unused_model, "--data", str(env.data), "--out", out(env)], message
+    )
 
 
 def generate(*extra: str, message: str) -> Callable[[Env], Case]:
@@ -100,15 +114,35 @@ def generate(*extra: str, message: str) -> Callable[[Env], Case]:
 
 
 def chat(*extra: str, message: str) -> Callable[[Env], Case]:
-    return lambda env: Case(["chat", "--model", env.target, "--draft-model", env.drafter, *extra], message,
-                            stdin=b"hello\nq\n")  # fmt: skip
+    return lambda env: Case(
+        ["chat", "--model", env.target, "--draft-model", env.drafter, *extra], message, stdin=b"hello\nq\n"
+    )
 
 
 def bench_args(env: Env, *extra: str, questions: Path | None = None, out: Path | None = None) -> list[str]:
     """A small bench whose models are never loaded: every bench row must fail before model work."""
-    return ["bench", "--model", env.unused_model, "--draft-model", env.unused_model, "--vocab", str(env.vocab),
-            "--questions", str(questions or env.questions), "--methods", "full", "--max-tokens", "2",
-            "--per-category", "1", "--baseline", "2", "--out", str(out or env.dir / "bench-out"), *extra]  # fmt: skip
+    return [
+        "bench",
+        "--model",
+        env.unused_model,
+        "--draft-model",
+        env.unused_model,
+        "--vocab",
+        str(env.vocab),
+        "--questions",
+        str(questions or env.questions),
+        "--methods",
+        "full",
+        "--max-tokens",
+        "2",
+        "--per-category",
+        "1",
+        "--baseline",
+        "2",
+        "--out",
+        str(out or env.dir / "bench-out"),
+        *extra,
+    ]
 
 
 def bench(*extra: str, message: str) -> Callable[[Env], Case]:
@@ -168,8 +202,22 @@ def corrupt_checkpoint(env: Env) -> Case:
 
 def trim_existing(env: Env) -> Case:
     (env.dir / "trimmed").mkdir()
-    return Case(["trim", "--draft-model", env.drafter, "--model", env.target, "--vocab", str(env.vocab), "--k", "40",
-                 "--out", str(env.dir / "trimmed")], "already exists: pass --force")  # fmt: skip
+    return Case(
+        [
+            "trim",
+            "--draft-model",
+            env.drafter,
+            "--model",
+            env.target,
+            "--vocab",
+            str(env.vocab),
+            "--k",
+            "40",
+            "--out",
+            str(env.dir / "trimmed"),
+        ],
+        "already exists: pass --force",
+    )
 
 
 def merge_existing(env: Env) -> Case:
@@ -180,8 +228,22 @@ def merge_existing(env: Env) -> Case:
 def trim_counts(env: Env) -> Case:
     """A vocab with negative counts (trim once reported 333% coverage)."""
     path = write(env.dir / "neg.json", vocab_text(env, [-1] * 10 + [3] * 310))
-    return Case(["trim", "--draft-model", env.drafter, "--model", env.target, "--vocab", str(path), "--k", "40",
-                 "--out", str(env.dir / "trimmed")], "holds the count -1")  # fmt: skip
+    return Case(
+        [
+            "trim",
+            "--draft-model",
+            env.drafter,
+            "--model",
+            env.target,
+            "--vocab",
+            str(path),
+            "--k",
+            "40",
+            "--out",
+            str(env.dir / "trimmed"),
+        ],
+        "holds the count -1",
+    )
 
 
 # fmt: off
@@ -304,8 +366,9 @@ def snapshot(*roots: Path) -> dict[str, str]:
 def run_cli(args: list[str], stdin: bytes | None = None, process: bool = False) -> tuple[int, str]:
     """(exit code, the error output): stderr of a subprocess, or everything a CliRunner run printed."""
     if process:
-        done = subprocess.run([sys.executable, "-m", "mlx_vocabtrim", *args], input=stdin, capture_output=True,
-                              timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "mlx_vocabtrim", *args], input=stdin, capture_output=True, timeout=120
+        )
         return done.returncode, done.stderr.decode("utf-8", "replace")
     result = CliRunner().invoke(cli, args, input=stdin)
     if result.exc_info and not isinstance(result.exception, SystemExit):  # show what a terminal would
@@ -327,8 +390,9 @@ def assert_one_line_error(code: int, out: str, message: str, progress: str | Non
 def shared(model_dirs, tokenizer, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("shared")
     vocab = root / "good.json"
-    save_vocab(vocab, list(range(1, 321)), {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                                             "source": "test"})  # fmt: skip
+    save_vocab(
+        vocab, list(range(1, 321)), {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "source": "test"}
+    )
     data = write(root / "data.txt", "\n\n".join(PARAGRAPHS))
     questions = write(
         root / "question.jsonl",
@@ -384,10 +448,24 @@ def test_two_calibrations_of_one_out(env):
     """The first run holds --out; a second one with other settings fails at once, the first still succeeds."""
     data = write(env.dir / "prompts.txt", "\n\n".join(f"Write function {i} that adds {i} to x." for i in range(40)))
     out = env.dir / "v.json"
-    first = ["calibrate", "--model", env.target, "--data", str(data), "--max-tokens", "30", "--batch-size", "1",
-             "--checkpoint-every", "1", "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_vocabtrim", *first], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    first = [
+        "calibrate",
+        "--model",
+        env.target,
+        "--data",
+        str(data),
+        "--max-tokens",
+        "30",
+        "--batch-size",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_vocabtrim", *first], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     checkpoint = out.with_name("v.json.checkpoint")
     try:
         for _ in range(1200):
@@ -425,10 +503,21 @@ def test_partial_outputs_of_killed_runs_are_removed_by_the_next_run(env, tokeniz
     write_gguf(env.dir / "m.gguf", "qwen2", make_model("qwen2", seed=5), tokenizer_dir)
     dead, live = _dead_pid(), os.getpid()
     runs = {
-        "trimmed": ["trim", "--draft-model", env.drafter, "--model", env.target, "--vocab", str(env.vocab), "--k",
-                    "40", "--out", str(env.dir / "trimmed")],
+        "trimmed": [
+            "trim",
+            "--draft-model",
+            env.drafter,
+            "--model",
+            env.target,
+            "--vocab",
+            str(env.vocab),
+            "--k",
+            "40",
+            "--out",
+            str(env.dir / "trimmed"),
+        ],
         "converted": ["convert", str(env.dir / "m.gguf"), "--out", str(env.dir / "converted")],
-    }  # fmt: skip
+    }
     for name, args in runs.items():
         stale = env.dir / f".{name}.partial-{dead}-k1ll3d"
         (stale / "float").mkdir(parents=True)

@@ -28,23 +28,53 @@ CATEGORIES = ["coding", "writing", "math"]
 def bench_inputs(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     lines = [
-        json.dumps({"question_id": i, "category": CATEGORIES[i % 3],
-                    "turns": [f"Question {i}: add {i} and x. Question {i}: add", "more"]})
+        json.dumps(
+            {
+                "question_id": i,
+                "category": CATEGORIES[i % 3],
+                "turns": [f"Question {i}: add {i} and x. Question {i}: add", "more"],
+            }
+        )
         for i in range(9)
-    ]  # fmt: skip
+    ]
     (root / "question.jsonl").write_text("\n".join(lines))
     text = root / "calib.txt"
     text.write_text("Question add and x. def add(a, b): return a + b")
-    result = CliRunner().invoke(cli, ["calibrate", "--model", str(model_dirs["target"]), "--source", "dataset",
-                                      "--data", str(text), "--out", str(root / "v.json")])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            "--model",
+            str(model_dirs["target"]),
+            "--source",
+            "dataset",
+            "--data",
+            str(text),
+            "--out",
+            str(root / "v.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root
 
 
 def bench_args(model_dirs, root, out, *extra):
-    return ["bench", "--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]),
-            "--vocab", str(root / "v.json"), "--questions", str(root / "question.jsonl"), "--max-tokens", "16",
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        "bench",
+        "--model",
+        str(model_dirs["target"]),
+        "--draft-model",
+        str(model_dirs["drafter"]),
+        "--vocab",
+        str(root / "v.json"),
+        "--questions",
+        str(root / "question.jsonl"),
+        "--max-tokens",
+        "16",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_count_passes_stops_at_the_same_place_for_everyone():
@@ -98,8 +128,19 @@ def test_parse_methods():
 
 
 def test_sweep_with_repeats_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "full,trim@40,trim@40+ctx,full+lookup",
-                      "--per-category", "2", "--repeats", "2", "--baseline", "2")  # fmt: skip
+    args = bench_args(
+        model_dirs,
+        bench_inputs,
+        tmp_path,
+        "--methods",
+        "full,trim@40,trim@40+ctx,full+lookup",
+        "--per-category",
+        "2",
+        "--repeats",
+        "2",
+        "--baseline",
+        "2",
+    )
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -135,8 +176,20 @@ def test_sweep_with_repeats_writes_consistent_figures(model_dirs, bench_inputs, 
 
 def test_auto_tunes_ours_and_the_baseline_then_saves_a_profile(model_dirs, bench_inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_VOCABTRIM_CACHE", str(tmp_path / "cache"))  # the profile stays with this test
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "", "--k", "40", "--per-category", "3",
-                      "--auto", "--auto-prompts", "2")  # fmt: skip
+    args = bench_args(
+        model_dirs,
+        bench_inputs,
+        tmp_path,
+        "--methods",
+        "",
+        "--k",
+        "40",
+        "--per-category",
+        "3",
+        "--auto",
+        "--auto-prompts",
+        "2",
+    )
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -188,8 +241,9 @@ def test_replay_matches_real_runs_exactly(replay_pair, seed):
     drafter steps, at a fixed length), for heads with and without context rows, lookup and thresholds."""
     target, drafter, keep, prompts, traces = replay_pair
     trimmed = trimmed_copy(drafter, keep)
-    costs = Costs({n: 1.0 for n in range(1, 30)}, {(None, False): 0.1, (len(keep), False): 0.1,
-                                                    (len(keep), True): 0.1}, {1: 0.0})  # fmt: skip
+    costs = Costs(
+        {n: 1.0 for n in range(1, 30)}, {(None, False): 0.1, (len(keep), False): 0.1, (len(keep), True): 0.1}, {1: 0.0}
+    )
     grid = random.Random(seed).sample(settings_grid([len(keep)]), 40)
     for setting in grid:
         model = drafter if setting.k is None else trimmed
@@ -197,8 +251,12 @@ def test_replay_matches_real_runs_exactly(replay_pair, seed):
             lookups = _lookups(tr, setting.lookup_ngram, 16) if setting.lookup_ngram else []
             tokens, calls, steps, _ = replay(tr, setting, costs, {setting.lookup_ngram: lookups})
             stats = SpecStats()
-            out = [t for t, _, _ in speculative_generate_step(prompt, target, model, max_tokens=40, stats=stats,
-                                                              **setting.generation_kwargs())]  # fmt: skip
+            out = [
+                t
+                for t, _, _ in speculative_generate_step(
+                    prompt, target, model, max_tokens=40, stats=stats, **setting.generation_kwargs()
+                )
+            ]
             assert out == tr.answer and tokens == len(out)
             assert calls == stats.target_calls, setting
             if not setting.draft_threshold:
@@ -223,8 +281,19 @@ def _interrupt_on(monkeypatch, when):
 
 
 def test_an_interrupted_bench_resumes_where_it_stopped(model_dirs, bench_inputs, tmp_path, monkeypatch):
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "trim@40", "--per-category", "2",
-                      "--baseline", "2", "--repeats", "2")  # fmt: skip
+    args = bench_args(
+        model_dirs,
+        bench_inputs,
+        tmp_path,
+        "--methods",
+        "trim@40",
+        "--per-category",
+        "2",
+        "--baseline",
+        "2",
+        "--repeats",
+        "2",
+    )
     with monkeypatch.context() as m:  # 4 warm-ups, then killed at the 7th run: 6 runs are logged
         _interrupt_on(m, lambda calls: len(calls) == 4 + 7)
         assert CliRunner().invoke(cli, args).exit_code != 0
@@ -238,17 +307,33 @@ def test_an_interrupted_bench_resumes_where_it_stopped(model_dirs, bench_inputs,
     assert "6 runs done" in result.output and len(calls) == 4 + 48 - 6
     report = json.loads((tmp_path / "bench.json").read_text())
     assert len(report["runs"]) == 48 and not log.exists()
-    logged = {(r["question_id"], r["method"], r["repeat"]): r["seconds"] for r in
-              (json.loads(line)["run"] for line in lines[1:])}  # fmt: skip
-    assert all(r["seconds"] == logged[(r["question_id"], r["method"], r["repeat"])] for r in report["runs"]
-               if (r["question_id"], r["method"], r["repeat"]) in logged)  # fmt: skip
+    logged = {
+        (r["question_id"], r["method"], r["repeat"]): r["seconds"]
+        for r in (json.loads(line)["run"] for line in lines[1:])
+    }
+    assert all(
+        r["seconds"] == logged[(r["question_id"], r["method"], r["repeat"])]
+        for r in report["runs"]
+        if (r["question_id"], r["method"], r["repeat"]) in logged
+    )
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "holds a finished bench: pass --force" in again.output
 
 
 def test_an_interrupted_auto_bench_keeps_its_tuning(model_dirs, bench_inputs, tmp_path, monkeypatch):
-    args = bench_args(model_dirs, bench_inputs, tmp_path, "--methods", "", "--k", "40", "--per-category", "2",
-                      "--auto", "--no-save-profile")  # fmt: skip
+    args = bench_args(
+        model_dirs,
+        bench_inputs,
+        tmp_path,
+        "--methods",
+        "",
+        "--k",
+        "40",
+        "--per-category",
+        "2",
+        "--auto",
+        "--no-save-profile",
+    )
     with monkeypatch.context() as m:  # killed at the second benchmarked question, after tuning
         _interrupt_on(m, lambda calls: calls.count("target") == 3)
         assert CliRunner().invoke(cli, args).exit_code != 0

@@ -37,13 +37,21 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    (root / "bench.jsonl").write_text("\n".join(json.dumps({"question_id": i, "turns": [q, "and more"]})
-                                                for i, q in enumerate(QUESTIONS)))  # fmt: skip
-    (root / "sharegpt.json").write_text(json.dumps([
-        {"id": "a", "conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello"}]},
-        {"id": "b", "conversations": [{"from": "gpt", "value": "no human turn"}]},
-        {"id": "c", "conversations": [{"from": "human", "value": "second"}, {"from": "gpt", "value": "ok"}]},
-    ]))  # fmt: skip
+    (root / "bench.jsonl").write_text(
+        "\n".join(json.dumps({"question_id": i, "turns": [q, "and more"]}) for i, q in enumerate(QUESTIONS))
+    )
+    (root / "sharegpt.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "a",
+                    "conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello"}],
+                },
+                {"id": "b", "conversations": [{"from": "gpt", "value": "no human turn"}]},
+                {"id": "c", "conversations": [{"from": "human", "value": "second"}, {"from": "gpt", "value": "ok"}]},
+            ]
+        )
+    )
     (root / "prompts.jsonl").write_text('{"prompt": "p1"}\n{"text": "t2"}\n')
     (root / "notes.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
     return root
@@ -91,8 +99,17 @@ def test_bad_data(data_files, tmp_path, monkeypatch):
 def test_dataset_counts_are_exact(model_dirs, tokenizer, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("def add(a, b):\n    return a + b\n\nThe quick brown fox.")
-    code, out = invoke("calibrate", "--model", model_dirs["target"], "--source", "dataset", "--data", text,
-                       "--out", tmp_path / "v.json")  # fmt: skip
+    code, out = invoke(
+        "calibrate",
+        "--model",
+        model_dirs["target"],
+        "--source",
+        "dataset",
+        "--data",
+        text,
+        "--out",
+        tmp_path / "v.json",
+    )
     assert code == 0, out
     vocab = load_vocab(tmp_path / "v.json")
     expected = np.zeros(320, dtype=np.int64)
@@ -156,8 +173,19 @@ def test_resume_after_interrupt_equals_uninterrupted(data_files, tokenizer, tmp_
 
 def test_killed_cli_run_resumes(model_dirs, data_files, tmp_path):
     """A real process killed mid-run, rerun with the same command, ends with the same counts."""
-    args = ["calibrate", "--model", model_dirs["target"], "--data", data_files / "bench.jsonl", "--max-tokens", 40,
-            "--batch-size", 1, "--checkpoint-every", 1]  # fmt: skip
+    args = [
+        "calibrate",
+        "--model",
+        model_dirs["target"],
+        "--data",
+        data_files / "bench.jsonl",
+        "--max-tokens",
+        40,
+        "--batch-size",
+        1,
+        "--checkpoint-every",
+        1,
+    ]
     code, out = invoke(*args, "--out", tmp_path / "whole.json")
     assert code == 0, out
     cmd = [sys.executable, "-m", "mlx_vocabtrim", *map(str, args), "--out", str(tmp_path / "resumed.json")]
@@ -189,16 +217,43 @@ def _free_port() -> int:
 
 
 def test_distributed_two_ranks_equal_single_process(model_dirs, data_files, tmp_path):
-    args = ["calibrate", "--model", str(model_dirs["target"]), "--data", str(data_files / "bench.jsonl"),
-            "--max-tokens", "10", "--batch-size", "2"]  # fmt: skip
+    args = [
+        "calibrate",
+        "--model",
+        str(model_dirs["target"]),
+        "--data",
+        str(data_files / "bench.jsonl"),
+        "--max-tokens",
+        "10",
+        "--batch-size",
+        "2",
+    ]
     code, out = invoke(*args, "--out", tmp_path / "single.json")
     assert code == 0, out
     launch = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
     done = subprocess.run(
-        [launch, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "-p", str(_free_port()), "--",
-         sys.executable, "-m", "mlx_vocabtrim", *args, "--out", str(tmp_path / "dist.json")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            launch,
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "-p",
+            str(_free_port()),
+            "--",
+            sys.executable,
+            "-m",
+            "mlx_vocabtrim",
+            *args,
+            "--out",
+            str(tmp_path / "dist.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     single, dist = load_vocab(tmp_path / "single.json"), load_vocab(tmp_path / "dist.json")
     assert dist["counts"].tolist() == single["counts"].tolist() and single["counts"].sum() > 0
@@ -209,8 +264,17 @@ def test_vocab_show_and_merge(model_dirs, tmp_path, tokenizer_dir):
     text = tmp_path / "t.txt"
     text.write_text("one two three\n\nfour five")
     for name in ("a", "b"):
-        code, out = invoke("calibrate", "--model", model_dirs["target"], "--source", "dataset", "--data", text,
-                           "--out", tmp_path / f"{name}.json")  # fmt: skip
+        code, out = invoke(
+            "calibrate",
+            "--model",
+            model_dirs["target"],
+            "--source",
+            "dataset",
+            "--data",
+            text,
+            "--out",
+            tmp_path / f"{name}.json",
+        )
         assert code == 0, out
     code, out = invoke("vocab", "merge", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "ab.json")
     assert code == 0, out
@@ -233,15 +297,33 @@ def test_vocab_show_and_merge(model_dirs, tmp_path, tokenizer_dir):
 @pytest.fixture(scope="module")
 def target_vocab(model_dirs, data_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("tv") / "target.json.gz"
-    code, text = invoke("calibrate", "--model", model_dirs["target"], "--data", data_files / "bench.jsonl",
-                        "--max-tokens", 24, "--out", out)  # fmt: skip
+    code, text = invoke(
+        "calibrate",
+        "--model",
+        model_dirs["target"],
+        "--data",
+        data_files / "bench.jsonl",
+        "--max-tokens",
+        24,
+        "--out",
+        out,
+    )
     assert code == 0, text
     return out
 
 
 def test_trimmed_directory_generates_like_in_memory_trimming(model_dirs, target_vocab, tmp_path):
-    code, out = invoke("trim", "--draft-model", model_dirs["drafter"], "--vocab", target_vocab, "--k", 40,
-                       "--out", tmp_path / "trimmed")  # fmt: skip
+    code, out = invoke(
+        "trim",
+        "--draft-model",
+        model_dirs["drafter"],
+        "--vocab",
+        target_vocab,
+        "--k",
+        40,
+        "--out",
+        tmp_path / "trimmed",
+    )
     assert code == 0, out
     info = json.loads((tmp_path / "trimmed" / "config.json").read_text())["vocabtrim"]
     assert info["k"] == 40 and info["source"] == "target" and 0 < info["coverage"] <= 1
@@ -257,8 +339,16 @@ def test_trimmed_directory_generates_like_in_memory_trimming(model_dirs, target_
     b = list(speculative_generate_step(prompt, target, in_memory, max_tokens=30))
     assert [(t, d) for t, _, d in a] == [(t, d) for t, _, d in b]
     assert [t for t, _, _ in a] == [t for t, _ in generate_step(mx.array(prompt), target, max_tokens=30)]
-    code, out = invoke("generate", "--model", model_dirs["target"], "--draft-model", tmp_path / "trimmed",
-                       "--max-tokens", 10, "--verbose")  # fmt: skip
+    code, out = invoke(
+        "generate",
+        "--model",
+        model_dirs["target"],
+        "--draft-model",
+        tmp_path / "trimmed",
+        "--max-tokens",
+        10,
+        "--verbose",
+    )
     assert code == 0 and "Drafter head: 320 -> 40 rows" in out, out
 
 

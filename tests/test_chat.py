@@ -8,8 +8,15 @@ from mlx_vocabtrim.cli import cli
 
 
 def test_chat_keeps_history_resets_and_quits(model_dirs):
-    args = ["chat", "--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]),
-            "--max-tokens", "12"]  # fmt: skip
+    args = [
+        "chat",
+        "--model",
+        str(model_dirs["target"]),
+        "--draft-model",
+        str(model_dirs["drafter"]),
+        "--max-tokens",
+        "12",
+    ]
     result = CliRunner().invoke(cli, args, input="hello\nand more\nr\nhello\nq\n")
     assert result.exit_code == 0, result.output
     out = result.output
@@ -22,8 +29,13 @@ def test_chat_keeps_history_resets_and_quits(model_dirs):
         return generate(model, tokenizer, prompt, None, max_tokens=12)
 
     first = reply([{"role": "user", "content": "hello"}])
-    second = reply([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
-                    {"role": "user", "content": "and more"}])  # fmt: skip
+    second = reply(
+        [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "and more"},
+        ]
+    )
     # each turn: ">> " + the echoed input line + the reply + "\n[stats]"
     replies = [chunk.split("\n", 1)[1].rsplit("\n[", 1)[0] for chunk in out.split(">> ")[1:5] if "tok/s" in chunk]
     assert replies == [first, second, first], "history kept, then reset"

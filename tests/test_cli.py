@@ -80,8 +80,9 @@ def test_generate_with_trimmed_drafter_matches_target_alone(model_dirs, ranked_f
     assert text == alone
     assert "Speculation:" in spec and "tokens per target call" in spec
     assert "Drafter head: 320 -> 200 rows" in spec
-    code, adaptive = run(*common, "--draft-model", str(model_dirs["drafter"]), "--num-draft-tokens", "6",
-                         "--draft-threshold", "0.01")  # fmt: skip
+    code, adaptive = run(
+        *common, "--draft-model", str(model_dirs["drafter"]), "--num-draft-tokens", "6", "--draft-threshold", "0.01"
+    )
     assert code == 0 and adaptive == alone, adaptive
 
 

@@ -154,8 +154,20 @@ def test_half_dtypes(dtype, tokenizer_dir, tmp_path):
 
 def test_quantize_option(tokenizer_dir, tmp_path):
     write_gguf(tmp_path / "m.gguf", "qwen2", make_model("qwen2", seed=43), tokenizer_dir)
-    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "q"),
-                                      "--quantize", "--q-bits", "8", "--q-group-size", "32"])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(tmp_path / "m.gguf"),
+            "--out",
+            str(tmp_path / "q"),
+            "--quantize",
+            "--q-bits",
+            "8",
+            "--q-group-size",
+            "32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"]["bits"] == 8 and config["quantization"]["group_size"] == 32
@@ -188,8 +200,11 @@ def test_bad_files_get_clear_errors(tokenizer_dir, tmp_path):
         with pytest.raises(VocabTrimError, match=message.replace("(", r"\(").replace(")", r"\)")):
             convert_gguf(tmp_path / name, tmp_path / f"out-{name}")
         assert not (tmp_path / f"out-{name}").exists()
-    done = subprocess.run([sys.executable, "-m", "mlx_vocabtrim", "convert", str(tmp_path / "cut.gguf"), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_vocabtrim", "convert", str(tmp_path / "cut.gguf"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr and "is truncated" in done.stderr
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "no partial output left behind"
 

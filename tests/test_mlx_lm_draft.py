@@ -22,8 +22,11 @@ def test_mlx_lm_greedy_with_trimmed_drafter_equals_target(tokenizer, k):
     wrapped = TrimmedDraft(drafter, VOCAB)
     assert wrapped(mx.array([prompt])).shape == (1, len(prompt), VOCAB)
     ours = [t for t, _, _ in speculative_generate_step(prompt, target, drafter, max_tokens=30)]
-    responses = list(mlx_lm_stream_generate(target, tokenizer, mx.array(prompt), max_tokens=31, draft_model=wrapped,
-                                            num_draft_tokens=3))  # fmt: skip
+    responses = list(
+        mlx_lm_stream_generate(
+            target, tokenizer, mx.array(prompt), max_tokens=31, draft_model=wrapped, num_draft_tokens=3
+        )
+    )
     theirs = [r.token for r in responses][:30]
     assert theirs == reference == ours
     if k == VOCAB:
@@ -44,8 +47,9 @@ def test_logits_processors_work_through_the_wrapper(tokenizer):
 
     def tokens(draft_model):
         processors = make_logits_processors(repetition_penalty=1.3)
-        responses = mlx_lm_stream_generate(target, tokenizer, prompt, max_tokens=21, draft_model=draft_model,
-                                           logits_processors=processors)  # fmt: skip
+        responses = mlx_lm_stream_generate(
+            target, tokenizer, prompt, max_tokens=21, draft_model=draft_model, logits_processors=processors
+        )
         return [r.token for r in responses]
 
     with_full = tokens(full)

@@ -52,8 +52,18 @@ def test_a_pair_with_no_matching_vocab_runs_untrimmed_with_a_notice(model_dirs, 
     assert getattr(setup.drafter, "vocab_remap", None) is None and setup.setting.k is None
     (note,) = setup.notes
     assert note.startswith("Note: no vocab matches") and "mlx-vocabtrim calibrate --model" in note
-    result = CliRunner().invoke(cli, ["generate", "--model", str(model_dirs["target"]), "--draft-model",
-                                      str(model_dirs["drafter"]), "--max-tokens", "4"])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            "--model",
+            str(model_dirs["target"]),
+            "--draft-model",
+            str(model_dirs["drafter"]),
+            "--max-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0 and "Note: no vocab matches" in result.output
 
 
@@ -96,8 +106,21 @@ def test_profiles_give_settings_and_flags_win(model_dirs, tokenizer, vocab_dir):
     setup = load(target, drafter, num_draft_tokens=2, context_head=True)
     assert setup.setting == Setting(40, 2, 0.3, True, 2, 4)
     assert setup.sources["num_draft_tokens"] == setup.sources["context_head"] == "command line"
-    result = CliRunner().invoke(cli, ["generate", "--model", target, "--draft-model", drafter, "--max-tokens", "4",
-                                      "--num-draft-tokens", "2", "--verbose"])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            "--model",
+            target,
+            "--draft-model",
+            drafter,
+            "--max-tokens",
+            "4",
+            "--num-draft-tokens",
+            "2",
+            "--verbose",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "num-draft-tokens=2 (command line)" in result.output
     assert f"draft-threshold=0.3 (profile {path})" in result.output and "k=40 (profile" in result.output
@@ -108,8 +131,9 @@ def test_a_trimmed_directory_carries_the_pair_profile(model_dirs, tokenizer, voc
     target, drafter = str(model_dirs["target"]), str(model_dirs["drafter"])
     save_profile(model_key(target, target), model_key(drafter, drafter), Setting(40, 6, 0.4, True, 3, 8), {})
     out = tmp_path / "trimmed"
-    result = CliRunner().invoke(cli, ["trim", "--model", target, "--draft-model", drafter, "--k", "30",
-                                      "--out", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["trim", "--model", target, "--draft-model", drafter, "--k", "30", "--out", str(out)]
+    )
     assert result.exit_code == 0 and "carries profile" in result.output, result.output
     assert json.loads((out / "config.json").read_text())["vocabtrim"]["profile"]["num_draft_tokens"] == 6
     other_target = save_model(make_model("qwen2", seed=1), model_config("qwen2"), model_dirs["target"], tmp_path / "t")
@@ -122,8 +146,20 @@ def test_a_trimmed_directory_carries_the_pair_profile(model_dirs, tokenizer, voc
 def test_a_trimmed_drafter_is_refused_as_the_target(model_dirs, tokenizer, vocab_dir, tmp_path):
     register_vocab(vocab_dir, tokenizer)
     out = tmp_path / "trimmed"
-    result = CliRunner().invoke(cli, ["trim", "--draft-model", str(model_dirs["drafter"]), "--k", "30",
-                                      "--out", str(out), "--model", str(model_dirs["target"])])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "trim",
+            "--draft-model",
+            str(model_dirs["drafter"]),
+            "--k",
+            "30",
+            "--out",
+            str(out),
+            "--model",
+            str(model_dirs["target"]),
+        ],
+    )
     assert result.exit_code == 0, result.output
     with pytest.raises(VocabTrimError, match="is a trimmed drafter directory .* pass it as --draft-model"):
         load(str(out), str(model_dirs["drafter"]))
@@ -141,8 +177,16 @@ def test_the_packaged_pair_has_its_profile(tmp_path, monkeypatch):
 
 
 def test_import_is_light_and_the_module_entry_point_warns_nothing():
-    done = subprocess.run([sys.executable, "-c", "import sys, mlx_vocabtrim; print(sorted(m for m in sys.modules "
-                           "if m.startswith(('mlx', 'numpy', 'click'))))"], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, mlx_vocabtrim; print(sorted(m for m in sys.modules "
+            "if m.startswith(('mlx', 'numpy', 'click'))))",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "['mlx_vocabtrim']", done.stdout + done.stderr
     command = [sys.executable, "-W", "error", "-m", "mlx_vocabtrim.generate", "--help"]
     done = subprocess.run(command, capture_output=True, text=True)

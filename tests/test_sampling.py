@@ -319,9 +319,16 @@ def test_first_two_tokens_with_attention(monkeypatch):
     mx.random.seed(14)
     for _ in range(DRAWS_TWO):
         steps = speculative_generate_step(
-            PROMPT, target, drafter, max_tokens=4, temp=temp, top_p=top_p, num_draft_tokens=3, lookup_ngram=2,
+            PROMPT,
+            target,
+            drafter,
+            max_tokens=4,
+            temp=temp,
+            top_p=top_p,
+            num_draft_tokens=3,
+            lookup_ngram=2,
             lookup_tokens=1,
-        )  # fmt: skip
+        )
         first, second = next(steps)[0], next(steps)[0]
         steps.close()
         counts[first * V + second] += 1

@@ -34,8 +34,14 @@ EOS = "2"  # <|im_end|> in the test tokenizer
 LONG = 900  # tokens of a request that must still be running while a test looks at it
 CHAT = {"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 24, "temperature": 0}
 FOX = {"messages": [{"role": "user", "content": "The quick brown fox"}], "max_tokens": 24}
-TURNS = {"messages": [*CHAT["messages"], {"role": "assistant", "content": "return a + b"},
-                      {"role": "user", "content": "and subtract?"}], "max_tokens": 24}  # fmt: skip
+TURNS = {
+    "messages": [
+        *CHAT["messages"],
+        {"role": "assistant", "content": "return a + b"},
+        {"role": "user", "content": "and subtract?"},
+    ],
+    "max_tokens": 24,
+}
 TEXT = {"prompt": "import numpy as np\nx = np.arange(10)", "max_tokens": 24}
 
 
@@ -71,10 +77,30 @@ def log(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dirs, vocab_file, log):
     """A server with a trimmed drafter, small limits and 16-token prefill passes (so short prompts reuse)."""
-    proc, url = start(["--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]), "--vocab",
-                       str(vocab_file), "--k", "200", "--max-tokens", "16", "--max-tokens-limit", str(LONG),
-                       "--max-prompt-tokens", "300", "--max-queue", "24", "--prefill-step-size", "16", "--verbose"],
-                      log)  # fmt: skip
+    proc, url = start(
+        [
+            "--model",
+            str(model_dirs["target"]),
+            "--draft-model",
+            str(model_dirs["drafter"]),
+            "--vocab",
+            str(vocab_file),
+            "--k",
+            "200",
+            "--max-tokens",
+            "16",
+            "--max-tokens-limit",
+            str(LONG),
+            "--max-prompt-tokens",
+            "300",
+            "--max-queue",
+            "24",
+            "--prefill-step-size",
+            "16",
+            "--verbose",
+        ],
+        log,
+    )
     yield url
     proc.terminate()
     assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]  # a graceful stop
@@ -232,8 +258,12 @@ def test_fields_naming_models_get_4xx_that_reveal_nothing(server, model_dirs, tm
     for place in places:
         status, answer, _ = post(server, "/v1/chat/completions", {**CHAT, "model": place})
         assert status == 404
-        assert error_of(answer) == {"message": f"model {place!r} is not served: see /v1/models", "param": "model",
-                                    "type": "invalid_request_error", "code": "model_not_found"}  # fmt: skip
+        assert error_of(answer) == {
+            "message": f"model {place!r} is not served: see /v1/models",
+            "param": "model",
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+        }
     assert sorted(cache.rglob("*")) == before
 
 
@@ -250,9 +280,15 @@ def test_browsers_may_call_it_from_local_pages_only(server):
     not even by pointing their own domain at 127.0.0.1 (the Host header is checked)."""
 
     def preflight(origin: str) -> str | None:
-        request = urllib.request.Request(server + "/v1/chat/completions", method="OPTIONS", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type"})  # fmt: skip
+        request = urllib.request.Request(
+            server + "/v1/chat/completions",
+            method="OPTIONS",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.headers.get("access-control-allow-origin")
@@ -352,13 +388,15 @@ BAD_CHAT = [
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content",
+    ),
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-]  # fmt: skip
+]
 
 
 def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(server):
@@ -377,9 +415,18 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_running(server):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(urllib.request.Request(server + path, method=method), timeout=30)
         assert err.value.code == status and error_of(json.loads(err.value.read()))["code"]
-    neutral = {"n": 1, "user": "me", "logprobs": False, "presence_penalty": 0, "stop": None, "seed": 2**64 - 1,
-               "response_format": {"type": "text"}, "messages": [{"role": "user", "content": [
-                   {"type": "text", "text": "def add"}, {"type": "text", "text": "(a, b):"}]}]}  # fmt: skip
+    neutral = {
+        "n": 1,
+        "user": "me",
+        "logprobs": False,
+        "presence_penalty": 0,
+        "stop": None,
+        "seed": 2**64 - 1,
+        "response_format": {"type": "text"},
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "def add"}, {"type": "text", "text": "(a, b):"}]}
+        ],
+    }
     status, answer, _ = post(server, "/v1/chat/completions", {**CHAT, **neutral})
     assert status == 200, answer
     deep = json.dumps({**CHAT, "max_tokens": 2, "metadata": "DEEP"}).replace('"DEEP"', "[" * 900 + "]" * 900)
@@ -404,8 +451,11 @@ def test_streaming_equals_non_streaming_with_usage_and_speculation(server, targe
         usage = whole["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         tokenizer = target.tokenizer
-        ids = (tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True) if "messages" in body
-               else tokenizer.encode(body["prompt"]))  # fmt: skip
+        ids = (
+            tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True)
+            if "messages" in body
+            else tokenizer.encode(body["prompt"])
+        )
         assert usage["prompt_tokens"] == len(ids)
         assert usage["completion_tokens"] == body["max_tokens"] or finish == ["stop"]
         counts = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -512,8 +562,10 @@ def test_a_client_that_disconnects_cancels_its_request(server, log, target):
 
 
 def test_target_alone_and_a_full_queue(model_dirs, target, tmp_path):
-    proc, url = start(["--model", str(model_dirs["target"]), "--max-queue", "0", "--max-tokens-limit", str(LONG)],
-                      tmp_path / "alone.log")  # fmt: skip
+    proc, url = start(
+        ["--model", str(model_dirs["target"]), "--max-queue", "0", "--max-tokens-limit", str(LONG)],
+        tmp_path / "alone.log",
+    )
     try:
         first = open_request(url, "/v1/chat/completions", long_body(stream=True))
         response = first.getresponse()
@@ -594,11 +646,17 @@ def test_a_busy_port_fails_fast_in_a_real_process(model_dirs):
         busy.listen()
         port = busy.getsockname()[1]
         tic = time.time()
-        done = subprocess.run([sys.executable, "-m", "mlx_vocabtrim", "serve", "--model", str(model_dirs["target"]),
-                               "--port", str(port)], capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "mlx_vocabtrim", "serve", "--model", str(model_dirs["target"]), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 1 and done.stdout == "" and time.time() - tic < 60
-    assert done.stderr.strip() == (f"Error: port {port} on 127.0.0.1 is in use: pass --port with a free port "
-                                   "(0 picks one), or stop what is using it")  # fmt: skip
+    assert done.stderr.strip() == (
+        f"Error: port {port} on 127.0.0.1 is in use: pass --port with a free port "
+        "(0 picks one), or stop what is using it"
+    )
 
 
 # ---- bench-serve -------------------------------------------------------------------------------
@@ -607,13 +665,34 @@ def test_a_busy_port_fails_fast_in_a_real_process(model_dirs):
 def test_bench_serve_compares_both_servers_end_to_end(model_dirs, vocab_file, tmp_path):
     questions = tmp_path / "q.jsonl"
     turns = [("code", "def add(a, b):"), ("text", "The quick brown fox")]
-    questions.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]})
-                                   for i, (c, t) in enumerate(turns)))  # fmt: skip
+    questions.write_text(
+        "\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in enumerate(turns))
+    )
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["bench-serve", "--model", str(model_dirs["target"]), "--draft-model",
-                                      str(model_dirs["drafter"]), "--vocab", str(vocab_file), "--k", "200",
-                                      "--questions", str(questions), "--per-category", "1", "--max-tokens", "6",
-                                      "--clients", "2", "--out", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench-serve",
+            "--model",
+            str(model_dirs["target"]),
+            "--draft-model",
+            str(model_dirs["drafter"]),
+            "--vocab",
+            str(vocab_file),
+            "--k",
+            "200",
+            "--questions",
+            str(questions),
+            "--per-category",
+            "1",
+            "--max-tokens",
+            "6",
+            "--clients",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench-serve.json").read_text())
     assert list(report["summary"]) == ["mlx-vocabtrim serve", "mlx_lm.server --draft-model"]

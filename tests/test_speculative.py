@@ -152,8 +152,9 @@ def test_a_follow_up_with_context_catches_the_drafter_up(pair):
     n_layers = len(target.layers)
     assert cache[0].offset == len(prompt) + 7 > cache[n_layers].offset
     stats = SpecStats()
-    follow = speculative_generate_step(out[-1:], target, target, prompt_cache=cache, max_tokens=8, stats=stats,
-                                       context=list(prompt) + out[:-1])  # fmt: skip
+    follow = speculative_generate_step(
+        out[-1:], target, target, prompt_cache=cache, max_tokens=8, stats=stats, context=list(prompt) + out[:-1]
+    )
     assert [t for t, _, _ in follow] == reference(target, list(prompt) + out, 8)
     assert stats.accepted_tokens == stats.draft_tokens > 0, "the caught-up drafter agrees with the target"
     assert cache[0].offset - cache[n_layers].offset <= 1, "the earlier lag was made up (a new one is at most 1)"
@@ -318,9 +319,14 @@ def test_trimmed_copy_of_the_target_accepts_every_draft(feature_pair):
     stats = SpecStats()
     for prompt, ref in refs.items():
         steps = speculative_generate_step(
-            list(prompt), target, drafter, num_draft_tokens=4, max_tokens=FEATURE_TOKENS, stats=stats,
+            list(prompt),
+            target,
+            drafter,
+            num_draft_tokens=4,
+            max_tokens=FEATURE_TOKENS,
+            stats=stats,
             context_head=False,
-        )  # fmt: skip
+        )
         assert [t for t, _, _ in steps] == ref
     # 40 tokens in rounds of 5: 8 rounds, 32 drafts, every one accepted
     assert stats.draft_tokens == stats.accepted_tokens == 32 * len(refs)
