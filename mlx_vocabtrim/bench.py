@@ -21,13 +21,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_step
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import CacheList, KVCache, RotatingKVCache, make_prompt_cache
 
 from .blas import blas_library
 from .errors import VocabTrimError
 from .files import write_text_whole
 from .profiles import Setting
-from .rollback import needs_restore
 from .speculative import SpecStats, speculative_generate_step
 from .trim import head_bytes, head_rows
 from .tune import PREFILL_STEP
@@ -113,62 +112,66 @@ def environment(model: nn.Module | None = None) -> dict:
     return env
 
 
-def counting_cache(model: nn.Module) -> list:
+def counting_cache(model: nn.Module, known: Callable[[], int] = lambda: 0) -> list:
     """A fresh prompt cache for `model` whose first attention layer logs every forward pass through
-    it as (offset before, tokens fed) in its `passes`."""
+    it as (offset before, tokens fed, `known()`: tokens of prompt and output the caller had then)."""
     cache = make_prompt_cache(model)
-    if needs_restore(cache):
-        raise VocabTrimError(
-            "bench counts passes through attention caches, and a recurrent model's rounds feed accepted tokens "
-            "again: run this model with generate or serve (bench supports full-attention and sliding-window models)"
-        )
-    layer = next((c for c in cache if isinstance(c, (KVCache, RotatingKVCache))), None)
+    layer = next((c for c in _layers(cache) if isinstance(c, (KVCache, RotatingKVCache))), None)
     if layer is None:
-        raise VocabTrimError(f"bench counts passes through a KVCache: this model has {type(cache[0]).__name__} only")
+        raise VocabTrimError(
+            f"bench counts passes in an attention layer's cache, and this model has none ({type(cache[0]).__name__} "
+            "only): run it with generate or serve"
+        )
     layer.passes = []
     update = layer.update_and_fetch
 
     def logged(keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        layer.passes.append((layer.offset, keys.shape[2]))
+        layer.passes.append((layer.offset, keys.shape[2], known()))
         return update(keys, values)
 
     layer.update_and_fetch = logged
     return cache
 
 
-def _passes(cache: list) -> list[tuple[int, int]]:
-    return next((c.passes for c in cache if hasattr(c, "passes")), [])
+def _layers(cache: list) -> list:
+    return [c for layer in cache for c in (_layers(list(layer.caches)) if type(layer) is CacheList else [layer])]
 
 
-def count_passes(target: list[tuple[int, int]], drafter: list[tuple[int, int]], prompt: int, emitted: int):
+def _passes(cache: list) -> list[tuple[int, int, int]]:
+    return next((c.passes for c in _layers(cache) if hasattr(c, "passes")), [])
+
+
+def count_passes(target: list[tuple[int, int, int]], drafter: list[tuple[int, int, int]], prompt: int, emitted: int):
     """(target calls, drafts verified, drafter steps) of one run, from the passes logged.
 
     Positions are 0-based; the prompt holds [0, prompt) and the last emitted token sits at
-    `last`. Prefill passes end before the last prompt token. A target pass over n tokens
-    from offset o verifies n - 1 drafts for positions o+1 .. o+n-1 and counts only if it
-    decides a token that was emitted (o < last), its drafts only up to `last`: the same stop
-    for every method, whether it was EOS or max tokens, and passes queued ahead are ignored.
-    A drafter pass proposes position o + n.
+    `last`. Prefill passes end before the last prompt token. A target pass over n tokens from
+    offset o, when the caller knew k tokens, feeds context up to position k - 1 (more than one
+    token when a recurrent model feeds its kept tokens again; a caller that reads ahead may know
+    fewer: then o + 1 is used) and drafts after it; it counts only if it decides a token that was
+    emitted, its drafts only up to `last`: the same stop for every method, whether it was EOS or
+    max tokens, and passes queued ahead are ignored. A drafter pass proposes position o + n.
     """
     last = prompt + emitted - 1
     calls = drafted = 0
-    for offset, n in target:
-        if offset + n > prompt - 1 and offset < last:
+    for offset, n, known in target:
+        first = max(known, offset + 1)  # the first position this pass decides
+        if offset + n > prompt - 1 and first <= last:
             calls += 1
-            drafted += min(max(last - offset, 0), n - 1)
-    steps = sum(1 for offset, n in drafter if prompt - 1 < offset + n <= last)
+            drafted += max(0, min(offset + n - 1, last) - first + 1)
+    steps = sum(1 for offset, n, _ in drafter if prompt - 1 < offset + n <= last)
     return calls, drafted, steps
 
 
-def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], list[bool], int, float]:
-    """Emitted tokens (EOS included when reached), their from-draft flags, and how many tokens /
-    what time the first round ended at.
+def _decode(tokens_iter, max_tokens: int, eos: set[int], tokens: list[int]) -> tuple[list[bool], int, float]:
+    """Append the emitted tokens (EOS included when reached) to `tokens`; returns their from-draft
+    flags, and how many tokens / what time the first round ended at.
 
     A round ends with the token the target itself chose (from_draft False), so the time
     after the first such token covers whole rounds only: prefill and the first round's
     latency stay out of the decode rate, with no free tokens counted in it.
     """
-    tokens, from_draft, first_round, first_time = [], [], 0, 0.0
+    from_draft, first_round, first_time = [], 0, 0.0
     for item in tokens_iter:
         tokens.append(int(item[0]))
         from_draft.append(bool(item[2]) if len(item) > 2 else False)
@@ -177,7 +180,7 @@ def _decode(tokens_iter, max_tokens: int, eos: set[int]) -> tuple[list[int], lis
             first_round, first_time = len(tokens), time.perf_counter()
         if tokens[-1] in eos or len(tokens) == max_tokens:
             break
-    return tokens, from_draft, first_round, first_time
+    return from_draft, first_round, first_time
 
 
 def run_method(
@@ -188,7 +191,8 @@ def run_method(
     from mlx_lm.sample_utils import make_sampler
 
     ids = mx.array(prompt, mx.uint32)
-    target_cache = counting_cache(model)
+    tokens: list[int] = []
+    target_cache = counting_cache(model, lambda: len(prompt) + len(tokens))
     draft_cache = counting_cache(method.drafter) if method.drafter is not None else []
     stats = SpecStats()
     mx.synchronize()
@@ -226,7 +230,7 @@ def run_method(
             prefill_step_size=PREFILL_STEP,
             **method.setting.generation_kwargs(),
         )
-    tokens, from_draft, first_round, first_time = _decode(gen, max_tokens, eos)
+    from_draft, first_round, first_time = _decode(gen, max_tokens, eos, tokens)
     gen.close()
     mx.synchronize()
     end = time.perf_counter()
@@ -446,8 +450,9 @@ def markdown(
     baseline: str,
     repeats: int,
     lossless: str,
+    limits: dict | None = None,
 ) -> str:
-    """The overall table, then the decode speed-up over the baseline per category."""
+    """The overall table, the decode speed-up over the baseline per category, then the replay's limits."""
     lines = [
         f"MLX {env['mlx']}, mlx-lm {env['mlx_lm']} on {env['device']} ({env['cpu']}, {env['cores']} cores), "
         f"weights {env['dtype']}, BLAS {env['blas']}. Each method ran {repeats} time(s) per question in a seeded "
@@ -482,6 +487,21 @@ def markdown(
             f"{s[n]['decode_vs_baseline']['ratio']:.2f}x" if s[n]["decode_vs_baseline"]["ratio"] else "-" for n in names
         ]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    if limits:
+        lines += [
+            "",
+            "Limits on these questions, from the tuner's replay with its measured costs (replayed tokens/s over "
+            "tuned mlx-lm replayed alike; prefill left out): a drafter that is always right, the best static "
+            "setting of each question chosen after the fact, and the tuned choice. The choice's tau replayed here "
+            f"{limits['choice_tau']['these_questions']:.2f}, predicted on the tuning questions "
+            f"{limits['choice_tau']['tuning_questions']:.2f}.",
+            "",
+            "| category | always right | best static per question | tuned choice |",
+            "|---|---|---|---|",
+        ]
+        for cat, r in limits["categories"].items():
+            cells = [f"{r[key]['vs_mlx_lm']:.2f}x" for key in ("always_right", "best_static", "choice")]
+            lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -543,14 +563,19 @@ def runs_as_dicts(runs: list[Run]) -> list[dict]:
 def parse_methods(
     spec: str, num_draft_tokens: int, draft_threshold: float, lookup_ngram: int, lookup_tokens: int
 ) -> list[tuple[str, Setting]]:
-    """(name, setting) of each of --methods: full or trim@K, then optional +ctx and +lookup."""
+    """(name, setting) of each of --methods: full or trim@K, then optional +ctx, +lookup and +adaptive."""
     methods = []
     for name in [m.strip() for m in spec.split(",") if m.strip()]:
         head, *extras = name.split("+")
         if head != "full" and not (head.startswith("trim@") and head[5:].isdigit() and int(head[5:]) > 0):
-            raise VocabTrimError(f"--methods: {name!r} is not full or trim@K (with +ctx, +lookup): e.g. trim@16384+ctx")
-        if set(extras) - {"ctx", "lookup"} or len(set(extras)) != len(extras) or (head == "full" and "ctx" in extras):
-            raise VocabTrimError(f"--methods: {name!r} takes +ctx (trimmed heads only) and +lookup, each once")
+            raise VocabTrimError(
+                f"--methods: {name!r} is not full or trim@K (with +ctx, +lookup, +adaptive): e.g. trim@16384+ctx"
+            )
+        known = {"ctx", "lookup", "adaptive"}
+        if set(extras) - known or len(set(extras)) != len(extras) or (head == "full" and "ctx" in extras):
+            raise VocabTrimError(
+                f"--methods: {name!r} takes +ctx (trimmed heads only), +lookup and +adaptive, each once"
+            )
         k = None if head == "full" else int(head[5:])
         methods.append(
             (
@@ -562,10 +587,45 @@ def parse_methods(
                     "ctx" in extras,
                     lookup_ngram if "lookup" in extras else 0,
                     lookup_tokens,
+                    "adaptive" in extras,
                 ),
             )
         )
     return methods
+
+
+def replay_limits(target, drafter, keeps, tuned, qs, encode, answers, max_tokens, mlx_lm_gamma) -> dict:
+    """What the tuner's replay says of the benchmarked questions with the tuning's measured costs, overall
+    and per category, in replayed tokens/s and over tuned mlx-lm replayed alike: a drafter that is always
+    right, the best static setting of each question (chosen after the fact), the tuned choice; and the
+    choice's tau replayed on these questions (exact for greedy without a threshold) beside the tuning's."""
+    from .tune import Costs, _lookups, bounds, replay, trace
+
+    costs = Costs.of(tuned["costs"])
+    restores = tuple(tuned.get("restores", (False, False)))
+    choice, baseline = Setting.of(tuned["choice"]), Setting(None, mlx_lm_gamma, 0.0, False, 0)
+    per: dict[str, list] = defaultdict(list)
+    tokens = calls = 0
+    for q in qs:
+        tr = trace(target, drafter, encode(q["prompt"]), max_tokens, set(), keeps, answers[q["question_id"]])
+        lookups = {n: _lookups(tr, n, max(choice.lookup_tokens, 1)) for n in (choice.lookup_ngram,) if n}
+        ours, base = replay(tr, choice, costs, lookups, restores), replay(tr, baseline, costs, {}, restores)
+        tokens, calls = tokens + ours[0], calls + ours[1]
+        limit = bounds([tr], list(keeps), costs, restores)[0]
+        row = {"choice": (ours[0], ours[3]), "mlx_lm": (base[0], base[3])} | limit
+        per[q["category"]].append(row)
+        per["overall"].append(row)
+
+    def rates(rows: list[dict]) -> dict:
+        keys = [key for key in rows[0] if key != "best_static_setting"]
+        speed = {key: sum(r[key][0] for r in rows) / sum(r[key][1] for r in rows) for key in keys}
+        return {key: {"tokens_per_s": v, "vs_mlx_lm": v / speed["mlx_lm"]} for key, v in speed.items()}
+
+    return {
+        "categories": {cat: rates(rows) for cat, rows in per.items()},
+        "best_static_settings": [r["best_static_setting"] for r in per["overall"]],
+        "choice_tau": {"tuning_questions": tuned["choice"]["expected_tau"], "these_questions": tokens / calls},
+    }
 
 
 def _pair(model: str, draft_model: str, vocab: str | None, needs_vocab: bool):
@@ -766,13 +826,10 @@ def _bench(
         choice = tuned["choice"]
         chosen = Setting.of(choice)
         method_list.append(method(f"auto: {chosen.name(rows)}", chosen))
-        both = tuned.get("best_with_context_and_lookup")
-        if both and not (chosen.context_head and chosen.lookup_ngram):  # the best with both features, measured too
-            method_list.append(method(f"auto, both features: {Setting.of(both).name(rows)}", Setting.of(both)))
-        same_length = Setting(None, chosen.num_draft_tokens, chosen.draft_threshold, False, 0)
-        if chosen.num_draft_tokens and not any(m.setting == same_length for m in method_list):
-            stop = f" stop<{chosen.draft_threshold:g}" if chosen.draft_threshold else ""
-            method_list.append(method(f"full x{chosen.num_draft_tokens}{stop}", same_length))
+        other = tuned.get("best_static" if chosen.adaptive else "best_adaptive")
+        if other:  # adaptive and static lengths, each at its best, measured side by side
+            kind = "static" if chosen.adaptive else "adaptive"
+            method_list.append(method(f"auto, best {kind}: {Setting.of(other).name(rows)}", Setting.of(other)))
         echo(
             f"Auto choice: {chosen.name(rows)} (predicted {choice['predicted_tokens_per_s']:.3f} tok/s, tau "
             f"{choice['expected_tau']:.2f})",
@@ -803,6 +860,16 @@ def _bench(
             lambda run: log({"run": asdict(run)}),
         )
     mismatch = check_lossless(runs) if temp == 0 else None
+    limits = None
+    if tuned is not None and temp == 0 and not mismatch and "costs" in tuned:
+        keeps = {k: keep_ids(ranked, k, rows, tokenizer) for k in ks if k < rows} if ranked is not None else {}
+        stop = [tokenizer.eos_token_id]  # the EOS a target's answer stopped at (which one does not matter here)
+        answers = {
+            r.question_id: r.tokens + (stop if r.emitted > len(r.tokens) else [])
+            for r in runs
+            if r.method == "target" and r.repeat == 0
+        }
+        limits = replay_limits(target, drafter, keeps, tuned, qs, encode, answers, max_tokens, best_gamma)
     target_bytes = step_bytes(target)
     row_bytes = head_bytes(drafter) / rows
     c_of, head_of = {}, {}
@@ -822,6 +889,7 @@ def _bench(
         "lossless": mismatch or ("every greedy output equals the target's" if temp == 0 else "sampled"),
         "vocab": vocab_used,
         "tune": tuned,
+        "limits": limits,
         "summary": summary,
         "categories": categories,
         "c": c_of,
@@ -829,7 +897,7 @@ def _bench(
         "runs": runs_as_dicts(runs),
         "c_note": "drafter/target weight bytes read per decode step, input embedding excluded",
     }
-    table = markdown(summary, categories, env, head_of, base_name, repeats, report["lossless"])
+    table = markdown(summary, categories, env, head_of, base_name, repeats, report["lossless"], limits)
     written = write_outputs(out, report, table)
     echo(table)
     echo("Wrote " + ", ".join(map(str, written)))

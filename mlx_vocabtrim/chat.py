@@ -46,6 +46,7 @@ def chat(
     context_head,
     lookup_ngram,
     lookup_tokens,
+    adaptive,
     system_prompt,
     max_tokens,
     temp,

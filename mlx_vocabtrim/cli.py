@@ -134,6 +134,7 @@ def generate(
     context_head,
     lookup_ngram,
     lookup_tokens,
+    adaptive,
     prompt,
     system_prompt,
     max_tokens,

@@ -163,7 +163,7 @@ def pair_options(target: str, drafter: str) -> Callable:
 
 def draft_options(command: Callable) -> Callable:
     """--vocab, --k, --num-draft-tokens, --draft-threshold, --context-head, --lookup-ngram,
-    --lookup-tokens: left unset, they come from the pair's profile (see `--verbose`)."""
+    --lookup-tokens, --adaptive: left unset, they come from the pair's profile (see `--verbose`)."""
     options = [
         click.option(
             "--vocab",
@@ -203,6 +203,12 @@ def draft_options(command: Callable) -> Callable:
             "Most tokens copied from the context per target call [default: from the profile].",
             1,
             MAX_DRAFT_TOKENS,
+        ),
+        click.option(
+            "--adaptive/--static",
+            default=None,
+            help="Adaptive: each round copies and drafts what the request's acceptance so far makes fastest, "
+            "up to --lookup-tokens and --num-draft-tokens; static: always as many [default: from the profile].",
         ),
     ]
     for option in reversed(options):

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from .engine import STEP_COST, TOKEN_COST
 from .errors import VocabTrimError
 from .files import read_json, write_text_whole
 
@@ -25,6 +26,9 @@ class Setting:
     context_head: bool = True
     lookup_ngram: int = 0
     lookup_tokens: int = 8
+    adaptive: bool = False  # lengths are bounds; each round picks what the request's acceptance favours
+    step_cost: float = STEP_COST  # a drafter step, in one-token target passes (for adaptive lengths)
+    token_cost: float = TOKEN_COST  # each verified token past the first, likewise
 
     def name(self, full_rows: int | None = None) -> str:
         """e.g. 'trim@16384+ctx+lookup3/8 x7 stop<0.6'."""
@@ -32,12 +36,13 @@ class Setting:
         head += "+ctx" if self.context_head and head != "full" else ""
         head += f"+lookup{self.lookup_ngram}/{self.lookup_tokens}" if self.lookup_ngram else ""
         stop = f" stop<{self.draft_threshold:g}" if self.draft_threshold else ""
-        return f"{head} x{self.num_draft_tokens}{stop}"
+        lengths = f"x<={self.num_draft_tokens} adaptive" if self.adaptive else f"x{self.num_draft_tokens}"
+        return f"{head} {lengths}{stop}"
 
     @classmethod
     def of(cls, row: dict) -> "Setting":
         """The setting a row of tuning results (or any dict with these fields) describes."""
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments of `speculative_generate_step` (k is applied by trimming)."""
@@ -61,6 +66,9 @@ def setting_from(data: dict, where: str) -> Setting:
         "lookup_ngram": integer,
         "lookup_tokens": integer,
         "context_head": lambda v: type(v) is bool,
+        "adaptive": lambda v: type(v) is bool,
+        "step_cost": lambda v: type(v) in (int, float) and 0 <= v <= 100,
+        "token_cost": lambda v: type(v) in (int, float) and 0 <= v <= 100,
         "draft_threshold": lambda v: type(v) in (int, float),
     }
     try:

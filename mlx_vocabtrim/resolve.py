@@ -113,6 +113,7 @@ def load(
     context_head: bool | None = None,
     lookup_ngram: int | None = None,
     lookup_tokens: int | None = None,
+    adaptive: bool | None = None,
 ) -> Setup:
     """Load and set up a run. With no models named, the packaged pair; with only a drafter, the
     packaged target; with only a target (or draft_model "none"), the target alone. Settings
@@ -124,6 +125,7 @@ def load(
         "context_head": context_head,
         "lookup_ngram": lookup_ngram,
         "lookup_tokens": lookup_tokens,
+        "adaptive": adaptive,
     }
     if model is None and draft_model is None:
         model, draft_model = DEFAULT_TARGET, DEFAULT_DRAFTER
@@ -191,7 +193,16 @@ def load(
     return Setup(target, tokenizer, drafter, setting, sources, (model, draft_model), vocab_path, notes)
 
 
-DRAFT_OPTIONS = ("vocab", "k", "num_draft_tokens", "draft_threshold", "context_head", "lookup_ngram", "lookup_tokens")
+DRAFT_OPTIONS = (
+    "vocab",
+    "k",
+    "num_draft_tokens",
+    "draft_threshold",
+    "context_head",
+    "lookup_ngram",
+    "lookup_tokens",
+    "adaptive",
+)
 
 
 def load_for(params: dict) -> Setup:

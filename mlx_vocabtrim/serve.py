@@ -776,6 +776,7 @@ def serve(
     context_head,
     lookup_ngram,
     lookup_tokens,
+    adaptive,
     host,
     port,
     max_tokens,

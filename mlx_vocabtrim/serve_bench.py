@@ -223,6 +223,7 @@ def bench_serve(
     context_head,
     lookup_ngram,
     lookup_tokens,
+    adaptive,
     questions,
     per_category,
     max_tokens,
@@ -259,6 +260,8 @@ def bench_serve(
     flags = [word for flag, value in settings.items() if value is not None for word in (flag, str(value))]
     if context_head is not None:
         flags.append("--context-head" if context_head else "--no-context-head")
+    if adaptive is not None:
+        flags.append("--adaptive" if adaptive else "--static")
     prompts = [q["prompt"] for q in picked]
     with output_lock(report_path, force=force):
         report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .engine import STEP_COST, TOKEN_COST, Policy, Rounds, first_rejected
 from .errors import VocabTrimError
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
@@ -86,10 +87,6 @@ def _catch_up(model: nn.Module, cache: list, pending: list[int], step: int) -> N
         _prefill(model, cache, mx.array(pending[:-1], mx.uint32), step)
 
 
-def _first_rejected(flags: Sequence[bool]) -> int:
-    return next((i for i, ok in enumerate(flags) if not ok), len(flags))
-
-
 def proposal_row(q: mx.array, remap: mx.array | None, vocab: int) -> mx.array:
     """A drafter's probabilities over its rows as a distribution over the target's `vocab` ids.
 
@@ -154,6 +151,9 @@ def speculative_generate_step(
     lookup_tokens: int = 8,
     logit_bias: dict[int, float] | None = None,
     context: Sequence[int] = (),
+    adaptive: bool = False,
+    step_cost: float = STEP_COST,
+    token_cost: float = TOKEN_COST,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yield (token, target logprobs, from_draft) like mlx-lm's speculative_generate_step.
 
@@ -174,6 +174,9 @@ def speculative_generate_step(
     - `lookup_ngram` n > 0: where the context's last n (or more) tokens occurred before, up
       to `lookup_tokens` tokens that followed are proposed first, for free; the drafter
       drafts the rest of `num_draft_tokens`, if any.
+    - `adaptive`: `num_draft_tokens` and `lookup_tokens` are bounds; each round copies and drafts what
+      this request's acceptance so far makes fastest, with `step_cost` and `token_cost` the relative
+      costs of a drafter step and of a verified token (`engine.Policy`).
     - `logit_bias` {id: bias} is added to the target's logits.
     """
     prompt = (prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))).astype(mx.uint32)
@@ -245,42 +248,37 @@ def speculative_generate_step(
     if draft_model is not None:
         behind = mx.array(list(context[len(context) - lag :]), mx.uint32) if lag else prompt[:0]
         _prefill(draft_model, draft_cache, mx.concatenate([behind, prompt[:-1]]), prefill_step_size)
-    # Context tokens each model has not processed yet (the last one always): one for the target,
-    # unless a recurrent layer went back to the round's start; the drafter's lag a round behind.
-    target_pending = [history[-1]]
-    pending = [history[-1]] if draft_model is not None else []
-    emitted = 0
-    gamma = fed = passes = 0
-    target_saved: list = []
-    draft_saved: list = []
-    open_round = None
+    rounds = Rounds(
+        history[-1],
+        max_tokens,
+        Policy(num_draft_tokens, lookup_tokens, adaptive, step_cost, token_cost),
+        head is not None,
+        lookup.propose if lookup is not None else lambda limit: [],
+    )
+    plan, ids, target_saved, draft_saved, open_round = None, [], [], [], None
 
     def settle(kept: int, tokens: list[int]) -> None:
-        """Keep `kept` of this round's proposals, after which `tokens` were emitted: the target
-        holds the context but its pending tokens, the drafter what it processed of that."""
-        nonlocal target_pending, pending
-        held = len(target_pending)
-        held = rewind(target_cache, target_saved, held + gamma, held + kept, one_pass=True)
-        target_pending = (target_pending + tokens)[held:]
-        if draft_model is not None:
-            held = rewind(draft_cache, draft_saved, fed, min(fed, len(pending) + kept), one_pass=passes == 1)
-            pending = (pending + tokens)[held:]
+        rounds.settle(
+            plan,
+            len(ids),
+            kept,
+            tokens,
+            lambda fed, keep: rewind(target_cache, target_saved, fed, keep, one_pass=True),
+            lambda fed, keep, one_pass: rewind(draft_cache, draft_saved, fed, keep, one_pass),
+        )
 
     try:
-        while max_tokens < 0 or emitted < max_tokens:
-            budget = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens + lookup_tokens
-            copied = lookup.propose(min(lookup_tokens, budget)) if lookup is not None else []
-            count = 0 if head is None else max(0, min(num_draft_tokens, budget) - len(copied))
-            draft_saved = save(draft_cache) if count else []
-            ids, rows, confidence = draft(pending + copied, count) if count else ([], [], [])
+        while rounds.more():
+            plan = rounds.plan()
+            copied = plan.copied
+            draft_saved = save(draft_cache) if plan.count else []
+            ids, rows, confidence = draft(plan.feed, plan.count) if plan.count else ([], [], [])
             gamma = len(copied) + len(ids)
-            fed = len(pending) + len(copied) + len(ids) - 1 if ids else 0
-            passes = len(ids)
             if stats.confidences is not None:
                 stats.confidences.append(confidence)
             proposals = mx.concatenate([mx.array(copied, mx.uint32), *ids]) if gamma else mx.array([], mx.uint32)
             target_saved = save(target_cache) if gamma else []
-            inputs = mx.concatenate([mx.array(target_pending, mx.uint32), proposals])
+            inputs = mx.concatenate([mx.array(rounds.target_pending, mx.uint32), proposals])
             logits = model(inputs[None], cache=target_cache)[0, -gamma - 1 :]
             if bias is not None:
                 logits = logits + bias
@@ -293,7 +291,7 @@ def speculative_generate_step(
                     q = mx.stack(one_hot + [proposal_row(r, head.remap, vocab) for r in rows])
                 accept, residual_draws, bonus = verify_sampled(sampling_logprobs(logits, temp, top_p), proposals, q)
                 mx.eval(accept, residual_draws, bonus, proposals)
-                n = _first_rejected(accept.tolist())
+                n = first_rejected(accept.tolist())
                 fix = residual_draws[n] if n < gamma else bonus
                 drafts = proposals.tolist()
                 tokens = drafts[:n] + [fix.item()]
@@ -301,14 +299,13 @@ def speculative_generate_step(
                 choice = mx.argmax(logits, axis=-1)
                 mx.eval(choice, proposals)
                 drafts, target_ids = proposals.tolist(), choice.tolist()
-                n = _first_rejected([d == t for d, t in zip(drafts, target_ids[:-1], strict=True)])
+                n = first_rejected([d == t for d, t in zip(drafts, target_ids[:-1], strict=True)])
                 tokens = drafts[:n] + [target_ids[n]]
             stats.target_calls += 1
             stats.draft_tokens += gamma
             stats.lookup_tokens += len(copied)
             for j, token in enumerate(tokens):
                 open_round = j
-                emitted += 1
                 stats.generated_tokens += 1
                 stats.accepted_tokens += j < n
                 yield token, logprobs[j], j < n
@@ -319,14 +316,13 @@ def speculative_generate_step(
             if head is not None:
                 head.add(tokens)
                 stats.context_rows = head.context_rows
-            gamma = fed = 0
     finally:
         if open_round is not None:
             settle(open_round, tokens[: open_round + 1])
         if prompt_cache is not None:
-            _catch_up(model, target_cache, target_pending, prefill_step_size)
+            _catch_up(model, target_cache, rounds.target_pending, prefill_step_size)
             if draft_model is not None and offset(draft_cache) is None:
-                _catch_up(draft_model, draft_cache, pending, prefill_step_size)
+                _catch_up(draft_model, draft_cache, rounds.pending, prefill_step_size)
 
 
 def stream_generate(

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from .engine import STEP_COST, TOKEN_COST, Policy, Rounds
 from .errors import VocabTrimError
 from .heads import DraftHead
 from .lookup import PromptLookup
@@ -30,9 +31,12 @@ from .rollback import needs_restore, rewind, save
 from .speculative import _prefill, speculative_generate_step
 from .trim import head_rows, trimmed_copy
 
-GAMMAS = tuple(range(0, 9))  # drafter tokens per round (0: prompt lookup alone)
-THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-LOOKUPS = ((0, 0), (1, 8), (2, 4), (2, 8), (2, 16), (3, 8), (3, 16))  # (lookup_ngram, lookup_tokens); (0, 0): off
+GAMMAS = tuple(range(0, 13))  # drafter tokens per round (0: prompt lookup alone)
+THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# (lookup_ngram, lookup_tokens); (0, 0): off
+LOOKUPS = ((0, 0), (1, 8), (2, 4), (2, 8), (2, 16), (3, 8), (3, 16), (3, 32), (4, 16), (4, 32), (5, 16), (5, 32))
+SPREAD = 1.3  # a cost whose repeats' median exceeds their fastest by more than this is disturbed by load
+SLACK = 5e-3  # seconds of jitter never called disturbance (tiny models time in milliseconds)
 CONTEXT_ROWS_TIMED = 256  # context rows added when timing a context head step
 PREFILL_STEP = 512  # prompt tokens per prefill pass, as the benchmark and the server
 
@@ -159,25 +163,60 @@ class Costs:
     def t_feed(self, n: int) -> float:
         return float(np.interp(n, sorted(self.feed), [self.feed[x] for x in sorted(self.feed)]))
 
+    def record(self) -> dict:
+        """A JSON form `Costs.of` reads back."""
+        draft = [[k, ctx, t] for (k, ctx), t in self.draft.items()]
+        return {"verify": self.verify, "draft": draft, "feed": self.feed}
 
-def replay(tr: Trace, setting: Setting, costs: Costs, lookups: dict[int, list[list[int]]]) -> tuple:
-    """(tokens, target calls, drafter steps, seconds) of decoding `tr`'s answer with `setting`."""
+    @classmethod
+    def of(cls, record: dict) -> "Costs":
+        verify = {int(n): t for n, t in record["verify"].items()}
+        feed = {int(n): t for n, t in record["feed"].items()}
+        return cls(verify, {(k, ctx): t for k, ctx, t in record["draft"]}, feed)
+
+    def relative(self, k: int | None, context_head: bool) -> tuple[float, float]:
+        """(drafter step, each verified token past the first) in one-token target passes: the costs
+        adaptive lengths weigh, rounded so profiles stay readable."""
+        one, longest = self.t_verify(1), max(self.verify)
+        step = self.draft[(k, context_head and k is not None)] / one
+        token = (self.t_verify(longest) - one) / max(longest - 1, 1) / one
+        return round(step, 3), round(token, 3)
+
+
+def replay(
+    tr: Trace,
+    setting: Setting,
+    costs: Costs,
+    lookups: dict[int, list[list[int]]],
+    restores: tuple[bool, bool] = (False, False),
+) -> tuple[int, int, int, float]:
+    """(tokens, target calls, drafter steps, seconds) of decoding `tr`'s answer with `setting`: the
+    generator's own rounds (`engine.Rounds`), with drafts and acceptance read off the trace.
+    `restores` (target, drafter): that model's layers go back to the round's start after a rejection
+    (recurrent layers), so its next pass feeds the kept tokens again."""
     answer, total = tr.answer, len(tr.answer)
-    start = calls = steps = 0
+    policy = Policy(
+        setting.num_draft_tokens, setting.lookup_tokens, setting.adaptive, setting.step_cost, setting.token_cost
+    )
+    offered = lookups[setting.lookup_ngram] if setting.lookup_ngram else None
+
+    def propose(limit: int) -> list[int]:
+        return offered[rounds.emitted][:limit] if offered else []
+
+    rounds = Rounds(tr.prompt[-1], tr.max_tokens, policy, True, propose)
+    calls = steps = 0
     seconds = 0.0
-    pending = 1
     t_step = costs.draft[(setting.k, setting.context_head and setting.k is not None)]
-    while start < total:
-        budget = tr.max_tokens - start - 1
-        proposal = lookups[setting.lookup_ngram][start] if setting.lookup_ngram else []
-        copied = proposal[: min(setting.lookup_tokens, budget)]
+    while rounds.more() and rounds.emitted < total:
+        start = rounds.emitted
+        plan = rounds.plan()
+        copied = plan.copied
         accepted = 0
         while accepted < len(copied) and start + accepted < total and copied[accepted] == answer[start + accepted]:
             accepted += 1
         alive = accepted == len(copied)
-        count = max(0, min(setting.num_draft_tokens, budget) - len(copied))
         made, confidence = 0, 1.0
-        for j in range(count):
+        for j in range(plan.count):
             pos = start + len(copied) + j
             made += 1
             pick, prob = _pick(tr, setting, pos, start) if pos < total else (-1, 0.5)
@@ -188,41 +227,76 @@ def replay(tr: Trace, setting: Setting, costs: Costs, lookups: dict[int, list[li
                 alive = False
             if confidence < setting.draft_threshold:
                 break
-        emitted = min(accepted + 1, total - start)
-        seconds += made * t_step + costs.t_verify(len(copied) + made + 1)
+        tokens = answer[start : start + accepted + 1]
+        seconds += made * t_step + costs.t_verify(len(rounds.target_pending) + len(copied) + made)
         if made:
-            seconds += costs.t_feed(pending + len(copied))
-            fed = pending + len(copied) + made - 1
-            pending = pending + emitted - min(fed, pending + accepted)
-        else:
-            pending += emitted
+            seconds += costs.t_feed(len(plan.feed))
+        rounds.settle(
+            plan,
+            made,
+            accepted,
+            tokens,
+            lambda fed, keep: keep if fed == keep or not restores[0] else 0,
+            lambda fed, keep, one_pass: keep if fed == keep or not restores[1] else 0,
+        )
         calls += 1
         steps += made
-        start += emitted
     return total, calls, steps, seconds
 
 
-def settings_grid(ks: Sequence[int]) -> list[Setting]:
-    """Every setting tuning weighs: heads (full, top-k, top-k plus context rows), draft lengths,
-    thresholds and prompt lookup."""
+def settings_grid(ks: Sequence[int], costs: Costs | None = None) -> list[Setting]:
+    """Every setting tuning can weigh: heads (full, top-k, top-k plus context rows), draft lengths,
+    thresholds, prompt lookup, static or adaptive lengths (priced with `costs` when given)."""
     heads = [(None, False)] + [(k, ctx) for k in ks for ctx in (False, True)]
     grid = []
     for k, ctx in heads:
+        step, token = costs.relative(k, ctx) if costs is not None else (STEP_COST, TOKEN_COST)
         for gamma in GAMMAS if k is None else GAMMAS[1:]:  # lookup alone uses no head: weighed once
             for threshold in THRESHOLDS if gamma > 1 else (0.0,):
                 for ngram, cap in LOOKUPS:
                     if gamma == 0 and not ngram:
                         continue
-                    grid.append(Setting(k, gamma, threshold, ctx, ngram, cap or 8))
+                    for adaptive in (False, True):
+                        grid.append(Setting(k, gamma, threshold, ctx, ngram, cap or 8, adaptive, step, token))
     return grid
 
 
-def predict(traces: list[Trace], setting: Setting, costs: Costs, lookups: list[dict]) -> dict:
+def search(
+    traces: list[Trace],
+    ks: Sequence[int],
+    costs: Costs,
+    lookups: list[dict],
+    restores: tuple[bool, bool] = (False, False),
+    finalists: int = 12,
+) -> list[dict]:
+    """Predictions for the settings worth weighing, in two stages (the whole grid is too large to
+    replay): every head, draft length and threshold with static lengths and no lookup, then the
+    `finalists` best of them (and every full-head length, mlx-lm's baseline) with every lookup,
+    static and adaptive."""
+    grid = settings_grid(ks, costs)
+    first = [s for s in grid if not s.adaptive and (not s.lookup_ngram or s.num_draft_tokens == 0)]
+    rows = [asdict(s) | predict(traces, s, costs, lookups, restores) for s in first]
+    ranked = sorted(rows, key=lambda row: -row["predicted_tokens_per_s"])
+    keep = {(r["k"], r["num_draft_tokens"], r["draft_threshold"], r["context_head"]) for r in ranked[:finalists]}
+    seen = {Setting.of(r) for r in rows}
+    for s in grid:
+        if (s.k, s.num_draft_tokens, s.draft_threshold, s.context_head) in keep and s not in seen:
+            rows.append(asdict(s) | predict(traces, s, costs, lookups, restores))
+    return rows
+
+
+def predict(
+    traces: list[Trace],
+    setting: Setting,
+    costs: Costs,
+    lookups: list[dict],
+    restores: tuple[bool, bool] = (False, False),
+) -> dict:
     """Expected tau, drafter steps per call and tokens/s of `setting` over the traces."""
     tokens = calls = steps = 0
     seconds = 0.0
     for tr, lk in zip(traces, lookups, strict=True):
-        t, c, s, sec = replay(tr, setting, costs, lk)
+        t, c, s, sec = replay(tr, setting, costs, lk, restores)
         tokens, calls, steps, seconds = tokens + t, calls + c, steps + s, seconds + sec
     return {
         "expected_tau": tokens / calls,
@@ -231,17 +305,39 @@ def predict(traces: list[Trace], setting: Setting, costs: Costs, lookups: list[d
     }
 
 
-def _timed(fn: Callable[[], mx.array], repeats: int = 5) -> float:
-    """The fastest of `repeats` timed calls after a warm one: the least disturbed by other work."""
+def _timed(fn: Callable[[], mx.array], what: str, repeats: int = 5, tries: int = 3) -> float:
+    """The fastest of `repeats` timed calls after a warm one. Repeats that disagree (their median over
+    SPREAD times the fastest) are measured again, `tries` times in all, then refused: other work on
+    the machine would make every prediction wrong."""
     fn()
-    times = []
-    for _ in range(repeats):
-        mx.synchronize()
-        tic = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        times.append(time.perf_counter() - tic)
-    return min(times)
+    for _ in range(tries):
+        times = []
+        for _ in range(repeats):
+            mx.synchronize()
+            tic = time.perf_counter()
+            mx.eval(fn())
+            mx.synchronize()
+            times.append(time.perf_counter() - tic)
+        fastest, median = min(times), float(np.median(times))
+        if median <= SPREAD * fastest + SLACK:
+            return fastest
+    raise VocabTrimError(
+        f"timing {what} is disturbed by other work ({fastest * 1e3:.1f} to {median * 1e3:.1f} ms over repeats): "
+        "tune on an idle machine"
+    )
+
+
+def check_verify_curve(verify: dict[int, float]) -> None:
+    """A pass over more tokens never costs much less than one over fewer: a curve that falls was
+    disturbed by load while it was measured."""
+    slowest = 0.0
+    for n in sorted(verify):
+        if verify[n] * SPREAD + SLACK < slowest:
+            raise VocabTrimError(
+                f"a target pass over {n} tokens timed {verify[n] * 1e3:.1f} ms, below {slowest * 1e3:.1f} ms for "
+                "fewer: the timings were disturbed by other work; tune on an idle machine"
+            )
+        slowest = max(slowest, verify[n])
 
 
 def measure_costs(
@@ -261,17 +357,16 @@ def measure_costs(
         return call
 
     cache = make_prompt_cache(model)
-    if needs_restore(cache) or any(needs_restore(make_prompt_cache(d)) for d in drafters.values()):
-        raise VocabTrimError(
-            "tuning does not yet price the tokens a recurrent model's rounds feed again: this model runs with "
-            "its built-in settings in generate, chat and serve"
-        )
     _prefill(model, cache, mx.array(context, mx.uint32), PREFILL_STEP)
     points = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 25) if n <= max_verify} | {max_verify})
-    verify, slowest = {}, 0.0
-    for n in points:  # a pass over more tokens never costs less: noise is evened out upwards
+    verify = {}
+    for n in points:
         tokens = mx.array((context * n)[:n], mx.uint32)[None]
-        slowest = verify[n] = max(slowest, _timed(step(lambda c, t=tokens: model(t, cache=c), cache, n)))
+        verify[n] = _timed(step(lambda c, t=tokens: model(t, cache=c), cache, n), f"a target pass over {n} tokens")
+    check_verify_curve(verify)
+    slowest = 0.0
+    for n in points:  # a pass over more tokens never costs less: what noise remains is evened out upwards
+        slowest = verify[n] = max(slowest, verify[n])
     draft, feed = {}, {}
     for k, drafter in drafters.items():
         cache = make_prompt_cache(drafter)
@@ -282,12 +377,12 @@ def measure_costs(
                 rows = head.full.weight.shape[0]
                 head.add([i for i in range(rows) if i not in head.kept][:CONTEXT_ROWS_TIMED])
             token = mx.array(context[-1:], mx.uint32)
-            draft[(k, ctx)] = _timed(step(lambda c, h=head, t=token: h(t, c), cache, 1))
+            draft[(k, ctx)] = _timed(step(lambda c, h=head, t=token: h(t, c), cache, 1), "a drafter step")
         if k is None:
             head = DraftHead(drafter, context_head=False)
             for n in (1, 4, 16):
                 tokens = mx.array((context * n)[:n], mx.uint32)
-                feed[n] = _timed(step(lambda c, h=head, t=tokens: h(t, c), cache, n))
+                feed[n] = _timed(step(lambda c, h=head, t=tokens: h(t, c), cache, n), f"the drafter over {n} tokens")
     base = feed.get(1, 0.0)
     return Costs(verify, draft, {n: max(t - base, 0.0) for n, t in feed.items()})
 
@@ -312,28 +407,69 @@ def tune(
     lookups = [{n: _lookups(tr, n, longest) for n, _ in LOOKUPS if n} for tr in traces]
     drafters = {None: drafter} | {k: trimmed_copy(drafter, keep) for k, keep in keeps.items()}
     costs = measure_costs(model, drafters, prompts[0], max(GAMMAS) + longest + 1)
-    table = []
-    for setting in settings_grid(list(keeps)):
-        table.append(asdict(setting) | predict(traces, setting, costs, lookups))
+    restores = (needs_restore(make_prompt_cache(model)), needs_restore(make_prompt_cache(drafter)))
+    table = search(traces, list(keeps), costs, lookups, restores)
     best = max(table, key=lambda row: row["predicted_tokens_per_s"])
-    with_both = [row for row in table if row["context_head"] and row["lookup_ngram"]]
     baseline = [
         row
         for row in table
-        if row["k"] is None and not row["lookup_ngram"] and not row["draft_threshold"] and row["num_draft_tokens"] >= 1
+        if row["k"] is None
+        and not row["lookup_ngram"]
+        and not row["draft_threshold"]
+        and not row["adaptive"]
+        and row["num_draft_tokens"] >= 1
     ]
     best_baseline = max(baseline, key=lambda row: row["predicted_tokens_per_s"])
     top = sorted(table, key=lambda row: -row["predicted_tokens_per_s"])[:40]
     return {
         "choice": best,
-        "best_with_context_and_lookup": max(with_both, key=lambda row: row["predicted_tokens_per_s"], default=None),
+        "best_static": max((r for r in table if not r["adaptive"]), key=lambda r: r["predicted_tokens_per_s"]),
+        "best_adaptive": max(
+            (r for r in table if r["adaptive"]), key=lambda r: r["predicted_tokens_per_s"], default=None
+        ),
         "mlx_lm_spec": {row["num_draft_tokens"]: row for row in baseline},
         "mlx_lm_spec_best": best_baseline["num_draft_tokens"],
         "top": top,
         "settings_weighed": len(table),
+        "costs": costs.record(),
+        "restores": restores,
         "t_verify": costs.verify,
         "t_draft": {f"{'full' if k is None else k}{'+ctx' if ctx else ''}": v for (k, ctx), v in costs.draft.items()},
         "t_feed": costs.feed,
         "answers": [len(tr.answer) for tr in traces],
         "full_rows": head_rows(drafter),
     }
+
+
+def _always_right(tr: Trace) -> Trace:
+    """`tr` with a drafter that always drafts the target's next token, certain of it."""
+    ones = np.ones(len(tr.answer))
+    return Trace(tr.prompt, tr.answer, tr.max_tokens, np.asarray(tr.answer), ones, {}, {})
+
+
+def bounds(traces: list[Trace], ks: Sequence[int], costs: Costs, restores: tuple[bool, bool] = (False, False)) -> list:
+    """Per trace, what the replay says of limits on this machine: (tokens, seconds) of a drafter that is
+    always right (its best draft length, at the cheapest head's step), of the best static setting for
+    that question alone (an oracle chosen after the fact) and its name."""
+    cheapest = min(costs.draft.values())
+    right_costs = Costs(costs.verify, {(None, False): cheapest}, costs.feed)
+    longest = max(cap for _, cap in LOOKUPS)
+    out = []
+    for tr in traces:
+        lookups = {n: _lookups(tr, n, longest) for n, _ in LOOKUPS if n}
+        right = _always_right(tr)
+        best_right = max(
+            (replay(right, Setting(None, g, 0.0, False, 0), right_costs, lookups, restores) for g in GAMMAS[1:]),
+            key=lambda r: r[0] / r[3],
+        )
+        rows = [r for r in search([tr], ks, costs, [lookups], restores) if not r["adaptive"]]
+        best = max(rows, key=lambda row: row["predicted_tokens_per_s"])
+        seconds = len(tr.answer) / best["predicted_tokens_per_s"]
+        out.append(
+            {
+                "always_right": (best_right[0], best_right[3]),
+                "best_static": (len(tr.answer), seconds),
+                "best_static_setting": Setting.of(best).name(),
+            }
+        )
+    return out

@@ -62,6 +62,7 @@ def test_greedy_lossless_with_lookup_threshold_and_trimmed_heads(family):
     trimmed = trimmed_copy(drafter, keep)
     check(target, trimmed, refs, num_draft_tokens=5, lookup_ngram=2, lookup_tokens=4)
     check(target, trimmed, refs, num_draft_tokens=6, draft_threshold=0.3, context_head=True)
+    check(target, trimmed, refs, num_draft_tokens=8, lookup_ngram=1, lookup_tokens=8, adaptive=True)
     check(target, None, refs, lookup_ngram=1, lookup_tokens=6)  # the target alone with prompt lookup
     assert speculate(target, drafter, list(PROMPTS[0]), num_draft_tokens=3) == refs[tuple(PROMPTS[0])], (
         "the source drafter is untouched by its trimmed copy"

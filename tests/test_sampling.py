@@ -169,6 +169,10 @@ class Spy:
         monkeypatch.setattr(speculative, "PromptLookup", Lookup)
         monkeypatch.setattr(speculative, "DraftHead", Head)
 
+    def draft_lengths(self) -> set[int]:
+        """The numbers of drafter steps rounds made."""
+        return {r.count("D") for r in " ".join(self.events).replace(" D", "D").split()}
+
     def mixed_rounds(self) -> int:
         """Rounds that drafted after copying at least one token."""
         rounds = " ".join(self.events).replace(" D", "D").split()
@@ -267,6 +271,12 @@ CASES = {  # name: (arch, drafter kind, sampling and drafting options)
         "padded",
         dict(temp=1.5, top_p=1.0, num_draft_tokens=3, lookup_ngram=1, lookup_tokens=1, draft_threshold=0.3),
     ),
+    "adaptive+lookup-t1": (
+        "llama",
+        "trim",
+        dict(temp=1.0, top_p=1.0, num_draft_tokens=5, lookup_ngram=1, lookup_tokens=4, adaptive=True)
+        | dict(context_head=False),
+    ),
     "ctx+lookup-t0.5-p0.8": (
         "llama",
         "ctx",
@@ -291,7 +301,9 @@ def test_every_token_follows_the_target(case, monkeypatch):
     assert_rows_match(counts, markov_rows(target, options["temp"], options["top_p"]))
     drafted = stats.draft_tokens - stats.lookup_tokens
     assert 0.1 < stats.acceptance_rate < 0.9, "drafts are accepted and rejected"
-    assert (drafted > DRAWS // 2) == (kind is not None)
+    assert (drafted > DRAWS // (4 if options.get("adaptive") else 2)) == (kind is not None)
+    if options.get("adaptive"):
+        assert len(spy.draft_lengths()) >= 4, "lengths that follow the rounds"
     assert (stats.lookup_tokens > DRAWS // 4) == ("lookup_ngram" in options)
     assert (stats.context_rows > 0) == (kind == "ctx")
     if kind is not None and "lookup_ngram" in options:

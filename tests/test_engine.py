@@ -1,0 +1,66 @@
+"""The round engine alone: static and adaptive lengths, and what each model has pending after a round."""
+
+from mlx_vocabtrim.engine import Policy, Rounds
+
+
+def run_rounds(policy: Policy, accept: int, rounds: int, offered: int = 0) -> list[tuple[int, int]]:
+    """(copies, drafter steps) of `rounds` rounds in which the first `accept` proposals are always accepted."""
+    engine = Rounds(0, -1, policy, True, lambda limit: [1] * min(offered, limit))
+    lengths = []
+    for _ in range(rounds):
+        plan = engine.plan()
+        lengths.append((len(plan.copied), plan.count))
+        kept = min(accept, len(plan.copied) + plan.count)
+        engine.settle(plan, plan.count, kept, [2] * (kept + 1), lambda fed, keep: keep, lambda fed, keep, one: keep)
+    return lengths
+
+
+def test_static_lengths_are_the_settings_own():
+    assert set(run_rounds(Policy(5, 3), accept=0, rounds=4, offered=2)) == {(2, 3)}
+    assert set(run_rounds(Policy(5, 3), accept=9, rounds=4, offered=9)) == {(3, 2)}
+
+
+def test_adaptive_lengths_follow_what_the_request_accepts():
+    always = run_rounds(Policy(8, 8, adaptive=True), accept=99, rounds=12)
+    assert always[-1] == (0, 8), "every draft accepted: the longest drafts"
+    never = run_rounds(Policy(8, 8, adaptive=True), accept=0, rounds=12)
+    assert never[0][1] > 0 and never[-1] == (0, 0), "nothing accepted: no drafting at all"
+    copies = run_rounds(Policy(1, 16, adaptive=True), accept=99, rounds=12, offered=16)
+    assert copies[-1] == (16, 0), "copies always right: every copy offered"
+    costly = run_rounds(Policy(8, 8, adaptive=True, step_cost=2.0), accept=2, rounds=12)
+    cheap = run_rounds(Policy(8, 8, adaptive=True, step_cost=0.01, token_cost=0.01), accept=2, rounds=12)
+    assert costly[-1][1] < cheap[-1][1], "dearer drafter steps: shorter drafts"
+
+
+def test_a_request_that_stopped_drafting_tries_again():
+    """Without drafts there is no evidence: the estimate drifts back to the prior and drafting resumes."""
+    policy = Policy(6, 8, adaptive=True)
+    run_rounds(policy, accept=0, rounds=12)
+    assert policy.lengths(20, 0, True, 1) == (0, 0)
+    for _ in range(30):
+        policy.observe(0, 0, 0)  # rounds with nothing proposed
+    assert policy.lengths(20, 0, True, 1)[1] > 0
+
+
+def test_pending_tokens_after_a_restore_and_a_trim():
+    """A recurrent target goes back to the round's start: its next pass feeds the kept tokens again; a
+    trimmable drafter holds what it was fed of them."""
+    engine = Rounds(7, 50, Policy(3, 0), True, lambda limit: [])
+    plan = engine.plan()
+    assert (plan.copied, plan.count, plan.feed) == ([], 3, [7])
+    engine.settle(plan, 3, 1, [10, 11], lambda fed, keep: 0, lambda fed, keep, one: keep)
+    assert engine.target_pending == [7, 10, 11] and engine.pending == [11] and engine.emitted == 2
+    plan = engine.plan()
+    engine.settle(plan, 3, 3, [12, 13, 14, 15], lambda fed, keep: keep, lambda fed, keep, one: keep)
+    assert engine.target_pending == [15] and engine.pending == [14, 15], "all accepted: the last draft unseen"
+
+
+def test_copies_and_drafts_are_judged_apart():
+    """A rejected copy says nothing of the drafts after it; drafts are judged by the tokens past the copies."""
+    policy = Policy(6, 8, adaptive=True)
+    policy.observe(3, 2, 1)  # the 2nd copy rejected: the drafts were never judged
+    assert (policy.copies.accepted, policy.copies.rejected) == (1, 1)
+    assert (policy.drafts.accepted, policy.drafts.rejected) == (0, 0)
+    policy.observe(2, 4, 3)  # both copies and 1 of 4 drafts accepted
+    assert (policy.copies.accepted, policy.copies.rejected) == (0.8 + 2, 0.8)
+    assert (policy.drafts.accepted, policy.drafts.rejected) == (1, 1)
