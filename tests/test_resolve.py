@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +18,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_vocabtrim import VocabTrimError, blas, load, save_vocab, speculative_generate_step, tokenizer_fingerprint
 from mlx_vocabtrim.cli import cli
 from mlx_vocabtrim.models import cache_dir
-from mlx_vocabtrim.profiles import Setting, find_profile, model_key, save_profile
+from mlx_vocabtrim.profiles import DEFAULT, PACKAGED_PROFILES, Setting, find_profile, model_key, save_profile
 from mlx_vocabtrim.vocab import find_vocab, keep_ids, load_vocab, real_size
 
 
@@ -170,7 +171,12 @@ def test_a_trimmed_drafter_is_refused_as_the_target(model_dirs, tokenizer, vocab
 def test_the_packaged_pair_has_its_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_VOCABTRIM_CACHE", str(tmp_path))
     setting, where = find_profile("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
-    assert setting is not None and where.startswith("packaged profile")
+    path = PACKAGED_PROFILES / where.removeprefix("packaged profile ")
+    doc = json.loads(path.read_text())
+    assert setting == replace(DEFAULT, **doc["settings"]) and setting.k and setting.num_draft_tokens
+    measured = doc["measured"]
+    assert measured["environment"]["dtype"] == "float32" and measured["command"].startswith("mlx-vocabtrim ")
+    assert find_profile("qwen2.5-coder-1.5b", "some-other-drafter") == (None, ""), "for that pair only"
     converted = tmp_path / "qwen2.5-coder-1.5b-float32"
     converted.mkdir()
     assert model_key(str(converted), str(converted)) == "qwen2.5-coder-1.5b", "its converted directory matches too"

@@ -1,0 +1,298 @@
+"""Many sequences at once: speculative decoding while a sequence is alone, mlx-lm's continuous batch
+while others run with it.
+
+A drafter step and a verify pass cost nearly as much for one sequence as for several on memory-bound
+hardware, but on a CPU (this project's machine) a pass over B tokens costs about B one-token passes
+past a few tokens, so a batch of B plain decoding steps already fills the pass that speculation would
+fill with drafts. The schedule here: a sequence decodes speculatively (the pair's setting) while it is
+the only one, and in mlx-lm's `BatchGenerator` (one batched target pass per step, prompts prefilled in
+chunks between steps) while others run with it. A sequence moves between
+the two with its KV cache: greedy output is the target's own either way (up to the last bits of
+batched matmuls, see the README), sampling draws from the target's distribution either way.
+
+Seeded sampled sequences never speculate: they draw from their own key, one draw per token, so they
+repeat exactly whatever else runs. Sequences whose caches cannot give back a token exactly (sliding
+windows past their size, recurrent layers) stay in the batch once they joined it.
+"""
+
+import secrets
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from .rollback import check_rollback
+from .speculative import sampling_logprobs, speculative_generate_step
+
+
+@dataclass
+class Sequence:
+    """One request's decoding. `tokens` grows as tokens are emitted; `finish` is set once it ends."""
+
+    prompt: list[int]
+    max_tokens: int
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+    speculative_tokens: int = 0  # tokens emitted while decoding speculatively
+    batched_tokens: int = 0  # tokens emitted in the batch
+    stream: Generator | None = None
+    target_cache: list | None = None  # while alone: the target's cache (the drafter's follows)
+    draft_cache: list | None = None
+    uid: int | None = None  # while in the batch
+    key: mx.array | None = None
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt + self.tokens
+
+
+@dataclass
+class Event:
+    """A token a sequence emitted: its target log-probs, whether it was a draft, why it ended (if it did)."""
+
+    sequence: Sequence
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    finish: str | None
+
+
+def _sampler(seq: Sequence) -> Any:
+    """The per-sequence sampler of the batch: greedy, or a draw from the same distribution the
+    speculative path samples (top-p, then temperature) with the sequence's own key."""
+    if seq.temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+
+    def draw(logprobs: mx.array) -> mx.array:
+        seq.key, key = mx.random.split(seq.key)
+        return mx.random.categorical(sampling_logprobs(logprobs, seq.temp, seq.top_p), key=key)
+
+    return draw
+
+
+def _bias(seq: Sequence, vocab: int) -> list:
+    if not seq.logit_bias:
+        return []
+    bias = mx.zeros((vocab,), mx.float32)
+    ids = mx.array([int(i) for i in seq.logit_bias], mx.int32)
+    bias = mx.put_along_axis(bias, ids, mx.array(list(seq.logit_bias.values()), mx.float32), axis=-1)
+    return [lambda tokens, logits: logits + bias]
+
+
+class Decoder:
+    """Decode many sequences together, one `step` at a time (see the module's docstring).
+
+    `setting` holds `speculative_generate_step`'s keyword arguments for the pair. Counters:
+    `speculative_steps` and `batched_steps` (steps taken each way), `moves` (sequences moved
+    between the two)."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        drafter: nn.Module | None,
+        setting: dict,
+        eos: set[int],
+        *,
+        max_batch: int = 8,
+        prefill_step: int = 512,
+    ):
+        from mlx_lm.generate import BatchGenerator
+
+        self.target, self.drafter, self.setting, self.eos = target, drafter, setting, eos
+        self.speculate = drafter is not None or bool(setting.get("lookup_ngram"))
+        self.prefill_step = prefill_step
+        self.max_batch = max_batch
+        self.batch = BatchGenerator(
+            target,
+            max_tokens=1 << 30,
+            stop_tokens=[[e] for e in sorted(eos)],
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(max_batch, 8),
+            prefill_step_size=prefill_step,
+        )
+        self.sequences: list[Sequence] = []
+        self.by_uid: dict[int, Sequence] = {}
+        self.trimmable = all(type(c) is KVCache for c in make_prompt_cache(target))
+        self.speculative_steps = self.batched_steps = self.moves = 0
+        if self.speculate:
+            check_rollback(make_prompt_cache(target), "target")
+            if drafter is not None:
+                check_rollback(make_prompt_cache(drafter), "drafter")
+
+    def add(self, seq: Sequence, target_cache: list | None = None, draft_cache: list | None = None) -> None:
+        """Start decoding `seq`; caches may hold a prefix of its prompt (all of the prompt but its
+        last token at most), which only the speculative path reuses."""
+        if seq.temp > 0 and seq.key is None:
+            seq.key = mx.random.key(seq.seed if seq.seed is not None else secrets.randbits(63))
+        seq.target_cache, seq.draft_cache = target_cache, draft_cache
+        self.sequences.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Stop decoding `seq` (finished or cancelled)."""
+        if seq.stream is not None:
+            seq.stream.close()
+            seq.stream = None
+        if seq.uid is not None:
+            self.batch.remove([seq.uid])
+            del self.by_uid[seq.uid]
+            seq.uid = None
+        if seq in self.sequences:
+            self.sequences.remove(seq)
+
+    def close(self) -> None:
+        for seq in list(self.sequences):
+            self.remove(seq)
+        self.batch.close()
+
+    @property
+    def size(self) -> int:
+        return len(self.sequences)
+
+    def _speculates(self, seq: Sequence) -> bool:
+        return self.speculate and not (seq.temp > 0 and seq.seed is not None)
+
+    def step(self) -> list[Event]:
+        """One step: a speculative sequence yields its next token; else the batch takes one pass (every
+        sequence in it yields a token, or a prompt chunk is prefilled)."""
+        if not self.sequences:
+            return []
+        alone = self.sequences[0] if len(self.sequences) == 1 else None
+        if alone is not None and (alone.stream is not None or self._speculates(alone)):
+            if alone.stream is None and not self._leave_batch(alone):
+                return self._batched()
+            return self._speculative(alone)
+        for seq in self.sequences:
+            if seq.uid is None:
+                self._join_batch(seq)
+        return self._batched()
+
+    def _remaining(self, seq: Sequence) -> int:
+        return seq.max_tokens - len(seq.tokens)
+
+    def _leave_batch(self, seq: Sequence) -> bool:
+        """Start `seq`'s speculative stream (taking its cache out of the batch if it is there); False when
+        its cache cannot give back the token the batch already fed."""
+        if seq.uid is not None:
+            if not self.trimmable:
+                return False
+            cache, _ = self.batch.extract_cache([seq.uid])[seq.uid]
+            for layer in cache:  # the batch fed the last emitted token already; the stream feeds it itself
+                layer.trim(1)
+            self.batch.remove([seq.uid])
+            del self.by_uid[seq.uid]
+            seq.uid, seq.target_cache = None, cache
+            self.moves += 1
+        history = seq.history
+        if seq.target_cache is None:
+            seq.target_cache = make_prompt_cache(self.target)
+        held = seq.target_cache[0].offset if seq.target_cache and hasattr(seq.target_cache[0], "offset") else 0
+        if self.drafter is not None and seq.draft_cache is None:
+            seq.draft_cache = make_prompt_cache(self.drafter)
+        seq.stream = speculative_generate_step(
+            history[held:],
+            self.target,
+            self.drafter,
+            max_tokens=self._remaining(seq),
+            temp=seq.temp,
+            top_p=seq.top_p,
+            prompt_cache=seq.target_cache + (seq.draft_cache or []),
+            prefill_step_size=self.prefill_step,
+            logit_bias=seq.logit_bias,
+            context=history[:held],
+            **self.setting,
+        )
+        return True
+
+    def _join_batch(self, seq: Sequence) -> None:
+        """Move `seq` into the batch: after a speculative stream, with its cache (the stream, closed,
+        leaves the target holding all but the last emitted token)."""
+        history, cache = seq.history, None
+        if seq.stream is not None:
+            seq.stream.close()
+            seq.stream = None
+            cache, history = seq.target_cache, history[-1:]
+            self.moves += 1
+        elif seq.target_cache is not None:  # a prefix of the prompt, reused from an earlier request
+            cache, history = seq.target_cache, history[seq.target_cache[0].offset :]
+        seq.target_cache = None
+        vocab = self.target_vocab()
+        (seq.uid,) = self.batch.insert(
+            [history],
+            max_tokens=[self._remaining(seq)],
+            caches=[cache],
+            samplers=[_sampler(seq)],
+            logits_processors=[_bias(seq, vocab)],
+        )
+        self.by_uid[seq.uid] = seq
+
+    def target_vocab(self) -> int:
+        from .trim import head_rows
+
+        return head_rows(self.target)
+
+    def _speculative(self, seq: Sequence) -> list[Event]:
+        try:
+            token, logprobs, from_draft = next(seq.stream)
+        except StopIteration:
+            seq.stream = None
+            return []
+        self.speculative_steps += 1
+        seq.speculative_tokens += 1
+        return [self._emit(seq, int(token), logprobs, from_draft)]
+
+    def _batched(self) -> list[Event]:
+        events = []
+        self.batched_steps += 1
+        for response in self.batch.next_generated():
+            seq = self.by_uid.get(response.uid)
+            if seq is None:
+                continue
+            seq.batched_tokens += 1
+            events.append(self._emit(seq, int(response.token), response.logprobs, False))
+            if response.finish_reason is not None and seq.uid is not None:
+                del self.by_uid[seq.uid]
+                seq.uid = None  # the batch dropped it itself
+        return events
+
+    def _emit(self, seq: Sequence, token: int, logprobs: mx.array, from_draft: bool) -> Event:
+        seq.tokens.append(token)
+        finish = "stop" if token in self.eos else "length" if len(seq.tokens) >= seq.max_tokens else None
+        if finish is not None:
+            seq.finish = finish
+            self.remove(seq)
+        return Event(seq, token, logprobs, from_draft, finish)
+
+
+def batch_generate(
+    target: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    drafter: nn.Module | None = None,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    max_batch: int = 8,
+    **setting: Any,
+) -> list[list[int]]:
+    """The completions (token ids, EOS excluded) of `prompts`, decoded together: an offline batch job.
+    `setting` holds `speculative_generate_step`'s keyword arguments."""
+    eos = set(tokenizer.eos_token_ids)
+    decoder = Decoder(target, drafter, setting, eos, max_batch=max_batch)
+    waiting = [Sequence(list(p), max_tokens, temp, top_p) for p in prompts]
+    order = list(waiting)
+    try:
+        while waiting or decoder.size:
+            while waiting and decoder.size < max_batch:
+                decoder.add(waiting.pop(0))
+            decoder.step()
+    finally:
+        decoder.close()
+    return [s.tokens[:-1] if s.finish == "stop" else s.tokens for s in order]

@@ -1,0 +1,89 @@
+"""The batched decoder on tiny real models: every sequence decodes exactly as it would alone, whatever
+else runs, and speculation follows the schedule (alone: speculative; with others: the batch)."""
+
+import mlx.core as mx
+import pytest
+from conftest import make_model, noisy_copy
+from mlx_lm.generate import generate_step
+
+from mlx_vocabtrim.batch import Decoder, Sequence, batch_generate
+from mlx_vocabtrim.speculative import speculative_generate_step
+
+PROMPTS = [[5, 17, 33, 90, 200, 11], [7, 8, 9, 7, 8, 9, 7], list(range(40, 70)), [3], [250, 251, 252, 3, 250]]
+SETTING = {"num_draft_tokens": 4, "lookup_ngram": 2, "lookup_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = make_model("qwen2", seed=31)
+    return target, noisy_copy(target, "qwen2", 0.05, seed=32)
+
+
+def alone(target, prompt, n, **kw):
+    if kw.get("temp", 0) == 0 and not kw.get("logit_bias"):
+        return [int(t) for t, _ in generate_step(mx.array(prompt, mx.uint32), target, max_tokens=n)]
+    return [int(t) for t, _, _ in speculative_generate_step(prompt, target, None, max_tokens=n, **kw)]
+
+
+def run(decoder, arrivals, cancel=None):
+    """Step `decoder`, adding each (step, sequence) of `arrivals` at its step and cancelling `cancel`
+    = (step, sequence); returns the batch sizes seen and the events."""
+    step, sizes, events = 0, [], []
+    arrivals = sorted(arrivals, key=lambda a: a[0])
+    while arrivals or decoder.size:
+        while arrivals and arrivals[0][0] <= step:
+            decoder.add(arrivals.pop(0)[1])
+        if cancel and cancel[0] == step:
+            decoder.remove(cancel[1])
+        sizes.append(decoder.size)
+        events += decoder.step()
+        step += 1
+    return sizes, events
+
+
+def test_mixed_sequences_each_decode_as_alone(pair):
+    target, drafter = pair
+    decoder = Decoder(target, drafter, SETTING, eos=set(), max_batch=8)
+    seqs = [Sequence(p, 12 + 3 * i) for i, p in enumerate(PROMPTS)]
+    seeded = Sequence(PROMPTS[0], 10, temp=1.0, seed=7)
+    biased = Sequence(PROMPTS[1], 10, logit_bias={9: 5.0})
+    cancelled = Sequence(PROMPTS[2], 30)
+    arrivals = [(0, seqs[0]), (3, seqs[1]), (4, seqs[2]), (4, seeded), (9, biased), (9, cancelled), (20, seqs[3])]
+    arrivals += [(60, seqs[4])]  # alone at the end: back to speculation
+    sizes, events = run(decoder, arrivals, cancel=(15, cancelled))
+    assert max(sizes) >= 5
+    for seq in seqs + [biased]:
+        assert seq.tokens == alone(target, seq.prompt, seq.max_tokens, logit_bias=seq.logit_bias), seq.prompt
+    repeat = Sequence(PROMPTS[0], 10, temp=1.0, seed=7)
+    other = Decoder(target, drafter, SETTING, eos=set())
+    run(other, [(0, repeat)])
+    assert seeded.tokens == repeat.tokens, "a seeded sequence repeats whatever runs beside it"
+    assert 0 < len(cancelled.tokens) < 30 and cancelled.finish is None
+    assert seqs[0].speculative_tokens and seqs[0].batched_tokens, "speculative alone, batched with others"
+    assert seqs[4].speculative_tokens == seqs[4].max_tokens and decoder.moves >= 2
+    assert any(e.from_draft for e in events) and decoder.batched_steps and decoder.speculative_steps
+
+
+def test_speculation_stops_while_others_run_and_resumes(pair):
+    """Counters, not timings: with two sequences no drafts; once one is left, drafts again."""
+    target, drafter = pair
+    decoder = Decoder(target, drafter, SETTING, eos=set())
+    first, second = Sequence(PROMPTS[2], 30), Sequence(PROMPTS[0], 8)
+    sizes, events = run(decoder, [(0, first), (5, second)])
+    together = [e for e, n in zip(events, sizes, strict=False) if n == 2]
+    drafted_alone = [e.from_draft for e in events if e.sequence is first and first.tokens.index(e.token) > 20]
+    assert not any(e.from_draft for e in together)
+    assert first.speculative_tokens > 8 and any(drafted_alone)
+    assert first.tokens == alone(target, first.prompt, 30)
+
+
+def test_batch_generate_is_each_prompt_alone(pair):
+    target, drafter = pair
+
+    class Tok:
+        eos_token_ids = [0]
+
+    out = batch_generate(target, Tok(), PROMPTS, drafter, max_tokens=10, max_batch=3, **SETTING)
+    for prompt, tokens in zip(PROMPTS, out, strict=True):
+        ref = alone(target, prompt, 10)
+        assert tokens == (ref[: ref.index(0)] if 0 in ref else ref)
