@@ -25,10 +25,10 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .rollback import check_rollback
-from .speculative import sampling_logprobs, speculative_generate_step
+from .speculative import SpecStats, sampling_logprobs, speculative_generate_step
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One request's decoding. `tokens` grows as tokens are emitted; `finish` is set once it ends."""
 
@@ -47,6 +47,7 @@ class Sequence:
     draft_cache: list | None = None
     uid: int | None = None  # while in the batch
     key: mx.array | None = None
+    stats: SpecStats = field(default_factory=SpecStats)  # of the speculative stretches
 
     @property
     def history(self) -> list[int]:
@@ -206,6 +207,7 @@ class Decoder:
             prefill_step_size=self.prefill_step,
             logit_bias=seq.logit_bias,
             context=history[:held],
+            stats=seq.stats,
             **self.setting,
         )
         return True

@@ -693,7 +693,7 @@ def tune_pair(
     target, tokenizer, drafter, ranked, vocab_used, *paths = _pair(model, draft_model, vocab, needs_vocab=True)
     tuning, _ = tuning_questions(questions or PACKAGED_QUESTIONS, [], prompts)
     result = _tune(target, tokenizer, drafter, ranked, ks, tuning, max_tokens, max_prompt_tokens, echo)
-    from .cli import command_line
+    from .files import command_line
 
     path = _save_profile(result, model, draft_model, target, paths, vocab_used, out, command_line())
     choice, rows = result["choice"], head_rows(drafter)
@@ -755,7 +755,7 @@ def _bench(
     import click
 
     from .calibrate import chat_prompt
-    from .cli import command_line
+    from .files import command_line
     from .questions import tuning_questions
     from .trim import trimmed_copy
     from .vocab import keep_ids

@@ -1,7 +1,6 @@
 """The `mlx-vocabtrim` command line: generate, chat, serve, bench-serve, bench, tune, calibrate, vocab, trim,
 convert."""
 
-import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,7 +10,7 @@ import click
 from . import __version__
 from .chat import chat
 from .errors import VocabTrimError
-from .files import check_output, output_lock
+from .files import check_output, command_line, output_lock
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import (
     check_utf8,
@@ -31,21 +30,6 @@ from .serve_bench import bench_serve
 
 COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
-
-
-def command_line() -> str:
-    """The running command with every option's resolved value: provenance that reruns it."""
-    ctx = click.get_current_context()
-    words = ["mlx-vocabtrim", ctx.info_name]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if isinstance(param, click.Argument):
-            words += [str(v) for v in (value if isinstance(value, tuple) else [value])]
-        elif getattr(param, "is_flag", False):
-            words += [param.opts[0]] if value else []
-        elif value is not None:
-            words += [param.opts[0], str(value)]
-    return shlex.join(words)
 
 
 def read_prompt(prompt: str) -> str:

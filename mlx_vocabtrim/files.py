@@ -5,6 +5,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -189,3 +190,20 @@ def check_output(
     except OSError as e:
         raise VocabTrimError(f"cannot write --out {path} ({e.strerror or e}): pick a writable place") from None
     return path
+
+
+def command_line() -> str:
+    """The running command with every option's resolved value: provenance that reruns it."""
+    import click
+
+    ctx = click.get_current_context()
+    words = ["mlx-vocabtrim", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in (value if isinstance(value, tuple) else [value])]
+        elif getattr(param, "is_flag", False):
+            words += [param.opts[0]] if value else []
+        elif value is not None:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)

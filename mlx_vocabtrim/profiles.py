@@ -141,20 +141,35 @@ def _read(path: Path) -> dict:
     return doc
 
 
-def find_profile(target_key: str, drafter_key: str, carried: dict | None = None) -> tuple[Setting | None, str]:
-    """The pair's settings and where they came from: a profile saved on this machine, the
-    profile a trimmed drafter directory carries, or a packaged profile; (None, '') if none."""
+def _find(target_key: str, drafter_key: str) -> tuple[dict | None, str, str]:
+    """The pair's saved or packaged profile document, its path and how it was found."""
     saved = _store(target_key, drafter_key)
     if saved.is_file():
         doc = _read(saved)
         if (doc.get("target"), doc.get("draft_model")) == (target_key, drafter_key):
-            return setting_from(doc["settings"], str(saved)), f"profile {saved}"
-    if carried:
-        return setting_from(carried, "the trimmed drafter's config.json"), "profile carried by the trimmed drafter"
+            return doc, str(saved), f"profile {saved}"
     for path in sorted(PACKAGED_PROFILES.glob("*.json")):
         doc = _read(path)
         if (doc.get("target"), doc.get("draft_model")) == (target_key, drafter_key):
-            return setting_from(doc["settings"], str(path)), f"packaged profile {path.name}"
+            return doc, str(path), f"packaged profile {path.name}"
+    return None, "", ""
+
+
+def find_profile_document(target_key: str, drafter_key: str) -> dict | None:
+    """The pair's profile as saved (settings and what was measured), or None."""
+    return _find(target_key, drafter_key)[0]
+
+
+def find_profile(target_key: str, drafter_key: str, carried: dict | None = None) -> tuple[Setting | None, str]:
+    """The pair's settings and where they came from: a profile saved on this machine, the
+    profile a trimmed drafter directory carries, or a packaged profile; (None, '') if none."""
+    doc, path, where = _find(target_key, drafter_key)
+    if doc is not None and where.startswith("profile "):
+        return setting_from(doc["settings"], path), where
+    if carried:
+        return setting_from(carried, "the trimmed drafter's config.json"), "profile carried by the trimmed drafter"
+    if doc is not None:
+        return setting_from(doc["settings"], path), where
     return None, ""
 
 

@@ -279,32 +279,84 @@ def held_back(text: str, stops: list[str]) -> int:
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
-class Engine:
-    """The models, their KV cache and the queue in front of them; `work` generates one request at a
-    time, in arrival order, in the thread that loaded the models."""
+class Reply:
+    """What a job has been sent: text pieces (stop strings cut, a possible stop's beginning held back
+    until the next piece decides), tokens, drafts accepted."""
 
-    def __init__(self, setup: Any, *, max_queue: int = 32, prefill_step: int = 512, verbose: bool = False):
+    def __init__(self, job: Job, tokenizer: Any, eos: set[int]):
+        self.job, self.eos = job, eos
+        self.detokenizer = tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.text, self.sent, self.tokens, self.accepted, self.finish = "", 0, 0, 0, None
+
+    def add(self, token: int, from_draft: bool, finish: str | None) -> bool:
+        """Take one emitted token; True once the reply is finished."""
+        self.tokens += 1
+        self.accepted += from_draft
+        if token not in self.eos:
+            self.detokenizer.add_token(token)
+        if finish is not None:
+            self.detokenizer.finalize()
+        self.text += self.detokenizer.last_segment
+        stops = self.job.stops
+        hit = stop_index(self.text, stops, self.sent)
+        if hit >= 0:
+            self.text, finish = self.text[:hit], "stop"
+        end = len(self.text) if finish else len(self.text) - held_back(self.text[self.sent :], stops)
+        if end > self.sent:
+            self.job.send("text", self.text[self.sent : end])
+            self.sent = end
+        self.finish = finish
+        return finish is not None
+
+
+class Engine:
+    """The models, their KV caches and the queue in front of them; `work` decodes up to `max_batch`
+    requests together (`batch.Decoder`: speculative while a request is alone, batched while others
+    run), in the thread that loaded the models; waiting requests join in arrival order."""
+
+    def __init__(
+        self,
+        setup: Any,
+        *,
+        max_queue: int = 32,
+        max_batch: int = 8,
+        prefill_step: int = 512,
+        verbose: bool = False,
+    ):
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-        self.setup, self.max_queue, self.step, self.verbose = setup, max_queue, prefill_step, verbose
+        self.setup, self.max_queue, self.max_batch, self.step = setup, max_queue, max_batch, prefill_step
+        self.verbose = verbose
         self.models = [m for m in (setup.target, setup.drafter) if m is not None]
+        self.split = len(make_prompt_cache(setup.target))
         layers = [c for m in self.models for c in make_prompt_cache(m)]
         self.reusable = all(type(c) is KVCache for c in layers)  # others (rotating, quantized) cannot go back exactly
         self.cache: list | None = None
         self.cached: list[int] = []  # tokens whose KV entries the cache holds, in whole prefill passes
+        self.cache_owner: Any = None  # the sequence decoding on the reusable cache, if any
         self.waiting: deque[Job] = deque()
-        self.running: Job | None = None
+        self.active: dict[Any, tuple[Job, Reply, float, int]] = {}  # sequence -> (job, reply, start, reused)
         self.stopping = False
         self.cond = threading.Condition()
+        self.decoder: Any = None
+        self.eos = set(setup.tokenizer.eos_token_ids)
         self.drop()
 
     def status(self) -> dict:
         with self.cond:
-            return {"busy": self.running is not None, "queued": len(self.waiting)}
+            return {
+                "busy": bool(self.active),
+                "batch": len(self.active),
+                "max_batch": self.max_batch,
+                "queued": len(self.waiting),
+                "speculating": len(self.active) == 1,
+                "moves": self.decoder.moves if self.decoder is not None else 0,
+            }
 
     def submit(self, job: Job) -> None:
         with self.cond:
-            if len(self.waiting) + (self.running is not None) > self.max_queue:
+            if len(self.waiting) + len(self.active) > self.max_queue + self.max_batch - 1:
                 raise RequestError(
                     503,
                     f"the server is busy: {len(self.waiting)} requests are waiting (--max-queue "
@@ -319,39 +371,135 @@ class Engine:
         with self.cond:
             if job in self.waiting:
                 self.waiting.remove(job)
+            self.cond.notify()
 
     def stop(self) -> None:
         """End `work`; requests waiting or running are cancelled and answered with an error."""
         with self.cond:
             self.stopping = True
-            jobs = [*self.waiting, *filter(None, [self.running])]
+            jobs = [*self.waiting, *(job for job, *_ in self.active.values())]
             self.waiting.clear()
             self.cond.notify()
         for job in jobs:
             job.cancelled.set()
             job.send("error", (503, "the server is shutting down"))
 
+    def fresh_decoder(self) -> None:
+        from .batch import Decoder
+
+        setup = self.setup
+        if self.decoder is not None:
+            self.decoder.close()
+        self.decoder = Decoder(
+            setup.target,
+            setup.drafter,
+            setup.generation_kwargs(),
+            self.eos,
+            max_batch=self.max_batch,
+            prefill_step=self.step,
+        )
+
+    def run(self, job: Job) -> dict | None:
+        """Decode `job` to its end in this thread (tests, scripts): its result, or None when it was
+        cancelled before it began."""
+        if self.decoder is None:
+            self.fresh_decoder()
+        results = []
+        send = job.send
+        job.send = lambda kind, value: results.append(value) if kind == "done" else send(kind, value)
+        self.start(job)
+        while self.active:
+            self.advance()
+        return results[0] if results else None
+
     def work(self) -> None:
-        """Generate queued requests until `stop`."""
+        """Decode requests until `stop`."""
+        self.fresh_decoder()
         while True:
             with self.cond:
-                while not self.waiting and not self.stopping:
+                while not self.waiting and not self.active and not self.stopping:
                     self.cond.wait()
                 if self.stopping:
                     return
-                job = self.running = self.waiting.popleft()
+                started = []
+                while self.waiting and len(self.active) + len(started) < self.max_batch:
+                    started.append(self.waiting.popleft())
             try:
-                result = self.run(job)
-            except Exception as e:  # a bug or an MLX error: answer, log, and start the next request afresh
+                for job in started:
+                    self.start(job)
+                self.advance()
+            except Exception as e:  # a bug or an MLX error: answer every request, log, start afresh
                 traceback.print_exc()
+                failed = [job for job, *_ in self.active.values()]
+                with self.cond:
+                    self.active.clear()
+                self.fresh_decoder()
                 self.drop()
-                result = e
+                self.cache_owner = None
+                for job in failed:
+                    job.send("error", (500, f"generation failed ({type(e).__name__}: {e})"))
+
+    def start(self, job: Job) -> None:
+        """Hand `job` to the decoder; alone, it reuses the longest prefix the caches hold."""
+        from .batch import Sequence
+
+        if job.cancelled.is_set():
+            return
+        reused, caches = 0, (None, None)
+        if self.cache is not None and self.cache_owner is None and not self.active:
+            reused = self.reuse(job.prompt)
+            caches = (self.cache[: self.split], self.cache[self.split :] or None)
+        seq = Sequence(job.prompt, job.max_tokens, job.temp, job.top_p, job.seed, job.logit_bias)
+        if caches[0] is not None:
+            self.cache_owner = seq
+        self.decoder.add(seq, *caches)
+        with self.cond:
+            self.active[seq] = (job, Reply(job, self.setup.tokenizer, self.eos), time.perf_counter(), reused)
+
+    def advance(self) -> None:
+        """One decoder step; finished or cancelled requests are answered and leave."""
+        for event in self.decoder.step():
+            if event.sequence in self.active:
+                job, reply, *_ = self.active[event.sequence]
+                if reply.add(event.token, event.from_draft, event.finish) and event.finish is None:
+                    self.decoder.remove(event.sequence)  # a stop string ended it
+        for seq, (job, reply, tic, reused) in list(self.active.items()):
+            if job.cancelled.is_set() and reply.finish is None:
+                self.decoder.remove(seq)
+            elif reply.finish is None:
+                continue
             with self.cond:
-                self.running = None
-            if isinstance(result, Exception):
-                job.send("error", (500, f"generation failed ({type(result).__name__}: {result})"))
-            elif result is not None:
-                job.send("done", result)  # once the next request can start: a client may send it at once
+                del self.active[seq]
+            if seq is self.cache_owner:
+                self.cache_owner = None
+                self.keep(job.prompt)
+            result = self.result(seq, job, reply, tic, reused)
+            if reply.finish is not None:
+                job.send("done", result)
+
+    def result(self, seq: Any, job: Job, reply: Reply, tic: float, reused: int) -> dict:
+        calls = seq.stats.target_calls + seq.batched_tokens
+        speculation = {
+            "draft_tokens": seq.stats.draft_tokens,
+            "accepted_tokens": reply.accepted,
+            "target_calls": calls,
+            "tokens_per_target_call": round(reply.tokens / calls, 3) if calls else 0.0,
+        }
+        if self.verbose:
+            seconds = time.perf_counter() - tic
+            click.echo(
+                f"{job.id}: {len(job.prompt)} prompt tokens ({reused} reused), {reply.tokens} tokens in "
+                f"{seconds:.2f} s ({reply.tokens / max(seconds, 1e-9):.1f} tok/s), "
+                f"{speculation['tokens_per_target_call']} per target call, {reply.finish or 'cancelled'}",
+                err=True,
+            )
+        return {
+            "finish_reason": reply.finish,
+            "prompt_tokens": len(job.prompt),
+            "completion_tokens": reply.tokens,
+            "cached_tokens": reused,
+            "speculation": speculation,
+        }
 
     def drop(self) -> None:
         """Start from empty caches."""
@@ -393,77 +541,6 @@ class Engine:
         for layer in self.cache:
             layer.trim(layer.offset - kept)
         self.cached = prompt[:kept]
-
-    def run(self, job: Job) -> dict | None:
-        """Generate `job`, sending its text as it comes (stop strings cut and held back); its result, or
-        None when it was cancelled before it began."""
-        import mlx.core as mx
-
-        from .speculative import stream_generate
-
-        if job.cancelled.is_set():
-            return None
-        setup, prompt = self.setup, job.prompt
-        reused = self.reuse(prompt)
-        if job.seed is not None:
-            mx.random.seed(job.seed)
-        tic = time.perf_counter()
-        stream = stream_generate(
-            setup.target,
-            setup.tokenizer,
-            prompt[reused:],
-            setup.drafter,
-            max_tokens=job.max_tokens,
-            temp=job.temp,
-            top_p=job.top_p,
-            prompt_cache=self.cache,
-            context=prompt[:reused],
-            logit_bias=job.logit_bias,
-            prefill_step_size=self.step,
-            **setup.generation_kwargs(),
-        )
-        text, sent, finish, response = "", 0, None, None
-        try:
-            for response in stream:
-                if job.cancelled.is_set():
-                    break
-                text += response.text
-                hit = stop_index(text, job.stops, sent)
-                if hit >= 0:
-                    text, finish = text[:hit], "stop"
-                end = len(text) if finish or response.finish_reason else len(text) - held_back(text[sent:], job.stops)
-                if end > sent:
-                    job.send("text", text[sent:end])
-                    sent = end
-                finish = finish or response.finish_reason
-                if finish:
-                    break
-        finally:
-            stream.close()  # rolls the caches back to what was emitted
-        self.keep(prompt)
-        tokens = response.generation_tokens if response else 0
-        calls = response.target_calls if response else 0
-        speculation = {
-            "draft_tokens": response.draft_tokens if response else 0,
-            "accepted_tokens": response.accepted_tokens if response else 0,
-            "target_calls": calls,
-            "tokens_per_target_call": round(tokens / calls, 3) if calls else 0.0,
-        }
-        if self.verbose:
-            seconds = time.perf_counter() - tic
-            click.echo(
-                f"{job.id}: {len(prompt)} prompt tokens ({reused} reused), {tokens} tokens in {seconds:.2f} s "
-                f"({tokens / max(seconds, 1e-9):.1f} tok/s), {speculation['tokens_per_target_call']} per "
-                f"target call, {finish or 'cancelled'}",
-                err=True,
-            )
-        return {
-            "finish_reason": finish,
-            "prompt_tokens": len(prompt),
-            "completion_tokens": tokens,
-            "cached_tokens": reused,
-            "speculation": speculation,
-        }
 
 
 # ---- HTTP -----------------------------------------------------------------------------------
@@ -752,7 +829,12 @@ def bind(host: str, port: int) -> socket.socket:
     None,
     f"Longest prompt in tokens (longer: a 400 error) [default: {DEFAULT_PROMPT_LIMIT}, within the model's context].",
 )
-@count_option("--max-queue", 32, "Requests that may wait while one generates (more: a 503 error).", 0)
+@count_option("--max-queue", 32, "Requests that may wait while the batch is full (more: a 503 error).", 0)
+@count_option(
+    "--max-batch",
+    8,
+    "Requests decoded together (speculative while one runs alone, batched while several do).",
+)
 @count_option(
     "--prefill-step-size",
     512,
@@ -783,12 +865,14 @@ def serve(
     max_tokens_limit,
     max_prompt_tokens,
     max_queue,
+    max_batch,
     prefill_step_size,
     allowed_origins,
     verbose,
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)
-    on the speculative generator: lossless, one request at a time in arrival order."""
+    on the speculative generator: lossless; up to --max-batch requests decode together, speculative
+    while one runs alone."""
     import uvicorn
 
     from .resolve import load_for
@@ -828,7 +912,9 @@ def serve(
         name = model or DEFAULT_TARGET
         vocab = min(head_rows(setup.target), real_size(setup.tokenizer))
         limits = Limits(max_tokens, max_tokens_limit, max_prompt_tokens, context, vocab)
-        engine = Engine(setup, max_queue=max_queue, prefill_step=prefill_step_size, verbose=verbose)
+        engine = Engine(
+            setup, max_queue=max_queue, max_batch=max_batch, prefill_step=prefill_step_size, verbose=verbose
+        )
         loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
         app = create_app(engine, (name, ALIAS), limits, allowed_origins, loopback)
         config = uvicorn.Config(
@@ -853,7 +939,7 @@ def serve(
         where = sock.getsockname()
         url = f"http://{f'[{where[0]}]' if ':' in where[0] else where[0]}:{where[1]}"
         drafter = f" with drafter {setup.names[1]}" if setup.drafter is not None else " (no drafter)"
-        click.echo(f"Serving {name}{drafter} at {url}/v1 (one request at a time; Ctrl-C stops)")
+        click.echo(f"Serving {name}{drafter} at {url}/v1 (up to {max_batch} requests at once; Ctrl-C stops)")
         for stop in (signal.SIGINT, signal.SIGTERM):  # both stop gracefully, even where SIGINT came in ignored
             signal.signal(stop, signal.default_int_handler)
         try:

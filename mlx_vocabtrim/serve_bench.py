@@ -1,15 +1,15 @@
-"""`mlx-vocabtrim bench-serve`: `mlx-vocabtrim serve` against `mlx_lm.server --draft-model` through HTTP.
+"""`mlx-vocabtrim bench-serve`: `mlx-vocabtrim serve` against `mlx_lm.server`, plain (batched, no
+drafter) and with `--draft-model` at its best draft length, through HTTP.
 
-The two servers run one after the other (never both at once: memory) on free loopback ports
-and get the same greedy chat requests (Spec-Bench first turns): first one at a time, then from
-several clients at once. Per server: tokens/s of each request (completion tokens over its wall
-time, as a client sees it), their median and mean, and the aggregate tokens/s of the
-concurrent pass; every output is compared with ours one at a time and, unless
---no-check-target, with the target decoding alone.
+The servers run one after the other (never two at once: memory) on free loopback ports and get
+the same greedy chat requests (Spec-Bench first turns, categories in turn), streamed. For each
+level of concurrency N, N clients each send one distinct question at once; per server and level:
+aggregate tokens/s (all completion tokens over the wall time of the pass), each request's latency
+(median and p95) and time to its first token (median), and the outputs unlike the target's own
+greedy decoding (unless --no-check-target). Levels repeat `--repeats` times, each figure a median.
 """
 
 import json
-import queue
 import socket
 import statistics
 import subprocess
@@ -27,7 +27,7 @@ from .errors import VocabTrimError
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import count_option, draft_options, force_option
 
-OURS, THEIRS = "mlx-vocabtrim serve", "mlx_lm.server --draft-model"
+OURS, PLAIN, SPEC = "mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"
 START_TIMEOUT = 1800  # seconds for a server to answer /health (models load before ours listens)
 
 
@@ -67,49 +67,61 @@ def running(name: str, command: list[str], port: int, log: Path):
 
 
 def ask(url: str, prompt: str, max_tokens: int) -> dict:
-    """One greedy chat request: its text, completion tokens and wall time."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0.0}
+    """One greedy streamed chat request: its text, completion tokens, wall time and time to the first token."""
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     request = urllib.request.Request(
         url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     tic = time.perf_counter()
+    text, first, tokens, finish = "", None, None, None
     try:
         with urllib.request.urlopen(request, timeout=3600) as response:
-            answer = json.loads(response.read())
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") or ""
+                    if piece and first is None:
+                        first = time.perf_counter() - tic
+                    text += piece
+                    finish = c.get("finish_reason") or finish
     except urllib.error.HTTPError as e:
         raise VocabTrimError(f"{url} answered {e.code}: {e.read()[:300]!r}") from None
     seconds = time.perf_counter() - tic
-    tokens = answer["usage"]["completion_tokens"]
+    if tokens is None:
+        raise VocabTrimError(f"{url} sent no usage in its stream: cannot count its tokens")
     return {
-        "text": answer["choices"][0]["message"]["content"],
+        "text": text,
         "completion_tokens": tokens,
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "finish_reason": answer["choices"][0]["finish_reason"],
+        "first_token_s": first if first is not None else seconds,
+        "finish_reason": finish,
     }
 
 
-def ask_all(url: str, prompts: list[str], max_tokens: int, clients: int) -> tuple[list[dict], float]:
-    """Every prompt, sent by `clients` threads at once; the answers in prompt order and the wall time."""
-    todo: queue.Queue = queue.Queue()
-    for i, prompt in enumerate(prompts):
-        todo.put((i, prompt))
+def ask_all(url: str, prompts: list[str], max_tokens: int) -> tuple[list[dict], float]:
+    """Every prompt from its own client, all at once; the answers in prompt order and the wall time."""
     answers: list[dict | None] = [None] * len(prompts)
     errors: list[Exception] = []
 
-    def client() -> None:
-        while not errors:
-            try:
-                i, prompt = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                answers[i] = ask(url, prompt, max_tokens)
-            except Exception as e:  # reported once all clients stop
-                errors.append(e)
+    def client(i: int) -> None:
+        try:
+            answers[i] = ask(url, prompts[i], max_tokens)
+        except Exception as e:  # reported once all clients stop
+            errors.append(e)
 
     tic = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
@@ -117,6 +129,17 @@ def ask_all(url: str, prompts: list[str], max_tokens: int, clients: int) -> tupl
     if errors:
         raise errors[0]
     return answers, time.perf_counter() - tic
+
+
+def spread(questions: list[dict]) -> list[dict]:
+    """The questions with categories taken in turn, so every level's first N questions span categories."""
+    by: dict[str, list[dict]] = {}
+    for q in questions:
+        by.setdefault(q["category"], []).append(q)
+    out = []
+    while any(by.values()):
+        out += [qs.pop(0) for qs in by.values() if qs]
+    return out
 
 
 def target_texts(model: str, prompts: list[str], max_tokens: int) -> list[str]:
@@ -132,58 +155,85 @@ def target_texts(model: str, prompts: list[str], max_tokens: int) -> list[str]:
     return [generate(setup.target, setup.tokenizer, i, None, max_tokens=max_tokens) for i in ids]
 
 
-def summarize(
-    sequential: list[dict], concurrent: list[dict], wall: float, ours: list[str], target: list[str] | None
-) -> dict:
-    """A server's figures; `ours` and `target` are the reference texts."""
-    speeds = [r["tokens_per_s"] for r in sequential]
+def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | None) -> dict:
+    """One server at one level: medians over the repeated passes of each figure."""
 
-    def differ(runs: list[dict], reference: list[str] | None) -> int | None:
-        return None if reference is None else sum(r["text"] != t for r, t in zip(runs, reference, strict=True))
+    def p95(values: list[float]) -> float:
+        return sorted(values)[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
 
+    aggregate = [sum(r["completion_tokens"] for r in answers) / wall for answers, wall in passes]
+    latency = [r["seconds"] for answers, _ in passes for r in answers]
+    first = [r["first_token_s"] for answers, _ in passes for r in answers]
+    unlike = None
+    if target is not None:
+        unlike = sum(r["text"] != t for answers, _ in passes for r, t in zip(answers, target, strict=False))
     return {
-        "requests": len(sequential),
-        "median_tokens_per_s": statistics.median(speeds),
-        "mean_tokens_per_s": statistics.fmean(speeds),
-        "concurrent_tokens_per_s": sum(r["completion_tokens"] for r in concurrent) / wall,
-        "concurrent_wall_s": wall,
-        "mismatches_vs_ours": [differ(sequential, ours), differ(concurrent, ours)],
-        "mismatches_vs_target": [differ(sequential, target), differ(concurrent, target)],
+        "aggregate_tokens_per_s": statistics.median(aggregate),
+        "aggregate_range": [min(aggregate), max(aggregate)],
+        "median_latency_s": statistics.median(latency),
+        "p95_latency_s": p95(latency),
+        "median_first_token_s": statistics.median(first),
+        "requests": len(latency),
+        "unlike_target": unlike,
     }
 
 
-def markdown(summary: dict[str, dict], env: dict, clients: int, max_tokens: int) -> str:
-    """The comparison table, ratios against mlx_lm.server last."""
+def markdown(summary: dict[str, dict], env: dict, levels: list[int], max_tokens: int, repeats: int) -> str:
+    """Aggregate tokens/s per level and server, ours over the better mlx_lm.server mode; then latencies."""
+    names = list(summary)
     lines = [
         f"MLX {env['mlx']}, mlx-lm {env['mlx_lm']} on {env['device']} ({env['cpu']}, {env['cores']} cores), BLAS "
-        f"{env['blas']}. Greedy chat requests of up to {max_tokens} tokens; tokens/s of a request = completion "
-        f"tokens / its wall time at the client; aggregate = all completion tokens / wall time of the pass.",
+        f"{env['blas']}. Greedy streamed chat requests of up to {max_tokens} tokens; at N clients, N distinct "
+        f"questions sent at once; aggregate = completion tokens / wall time of the pass, median of {repeats} "
+        "pass(es) [range]; latencies over every request.",
         "",
-        f"| server | requests | median tok/s, 1 client | mean tok/s, 1 client | aggregate tok/s, {clients} clients "
-        "| outputs unlike ours (1 client, concurrent) | outputs unlike the target's (1 client, concurrent) |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | " + " | ".join(f"{n} tok/s" for n in names) + " | ours over the better mlx_lm.server |",
+        "|---|" + "---|" * (len(names) + 1),
     ]
-
-    def count(pair: list) -> str:
-        return "-" if pair[0] is None else f"{pair[0]}, {pair[1]}"
-
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['requests']} | {s['median_tokens_per_s']:.3f} | {s['mean_tokens_per_s']:.3f} | "
-            f"{s['concurrent_tokens_per_s']:.3f} | {count(s['mismatches_vs_ours'])} | "
-            f"{count(s['mismatches_vs_target'])} |"
-        )
-    ours, theirs = summary[OURS], summary[THEIRS]
-    ratio = {
-        key: ours[key] / theirs[key] for key in ("median_tokens_per_s", "mean_tokens_per_s", "concurrent_tokens_per_s")
-    }
+    for level in levels:
+        cells = []
+        for n in names:
+            f = summary[n][str(level)]
+            low, high = f["aggregate_range"]
+            cells.append(f"{f['aggregate_tokens_per_s']:.3f} [{low:.2f}, {high:.2f}]")
+        theirs = max(summary[n][str(level)]["aggregate_tokens_per_s"] for n in names if n != OURS)
+        ratio = summary[OURS][str(level)]["aggregate_tokens_per_s"] / theirs if theirs else 0.0
+        lines.append(f"| {level} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
     lines += [
         "",
-        f"`{OURS}` over `{THEIRS}`: median {ratio['median_tokens_per_s']:.2f}x, mean "
-        f"{ratio['mean_tokens_per_s']:.2f}x, aggregate with {clients} clients "
-        f"{ratio['concurrent_tokens_per_s']:.2f}x.",
+        "| clients | server | median latency s | p95 latency s | median first token s | outputs unlike the target's |",
+        "|---|---|---|---|---|---|",
     ]
+    for level in levels:
+        for n in names:
+            f = summary[n][str(level)]
+            unlike = "-" if f["unlike_target"] is None else f"{f['unlike_target']} of {f['requests']}"
+            lines.append(
+                f"| {level} | {n} | {f['median_latency_s']:.2f} | {f['p95_latency_s']:.2f} | "
+                f"{f['median_first_token_s']:.2f} | {unlike} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def parse_levels(text: str) -> list[int]:
+    """--clients '1,2,4': distinct positive counts, in order."""
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or any(n < 1 for n in levels) or len(set(levels)) != len(levels):
+        raise VocabTrimError(f"--clients {text!r} is not a list of distinct positive counts: e.g. --clients 1,2,4,8")
+    return levels
+
+
+def mlx_lm_best_draft(model: str, draft_model: str, target_path: str, drafter_path: str) -> tuple[int, str]:
+    """mlx-lm's best draft length for this pair on this machine, as `bench`/`tune` measured it (the
+    pair's profile), else mlx-lm's default 3; and where it came from."""
+    from .profiles import find_profile_document, model_key
+
+    doc = find_profile_document(model_key(model, target_path), model_key(draft_model, drafter_path))
+    best = (doc or {}).get("measured", {}).get("mlx_lm_spec_best")
+    return (int(best), "the pair's profile") if isinstance(best, int) and best > 0 else (3, "mlx-lm's default")
 
 
 @click.command(name="bench-serve")
@@ -197,8 +247,17 @@ def markdown(summary: dict[str, dict], env: dict, clients: int, max_tokens: int)
 @draft_options
 @click.option("--questions", default=None, help="Spec-Bench question.jsonl [default: the packaged Spec-Bench].")
 @count_option("--per-category", 2, "Questions per Spec-Bench category.")
-@count_option("--max-tokens", 128, "Tokens per answer.")
-@count_option("--clients", 4, "Clients sending at once in the concurrent pass.")
+@count_option("--max-tokens", 64, "Tokens per answer.")
+@click.option(
+    "--clients", default="1,2,4,8,16", show_default=True, help="Levels of concurrency: clients sending at once."
+)
+@count_option("--repeats", 1, "Passes per level and server.")
+@count_option(
+    "--mlx-lm-num-draft-tokens",
+    None,
+    "Draft length of mlx_lm.server --draft-model [default: its best on this machine from the pair's profile, else 3].",
+)
+@count_option("--max-batch", 16, "Sequences our server decodes together (its --max-batch).")
 @click.option(
     "--check-target/--no-check-target",
     default=True,
@@ -228,20 +287,29 @@ def bench_serve(
     per_category,
     max_tokens,
     clients,
+    repeats,
+    mlx_lm_num_draft_tokens,
+    max_batch,
     check_target,
     out,
     force,
 ):
-    """Our server against mlx_lm.server --draft-model over HTTP: greedy Spec-Bench requests one at a
-    time, then from several clients at once; tokens/s and outputs compared."""
+    """Our server against mlx_lm.server, plain and with --draft-model, over HTTP: greedy Spec-Bench
+    requests from 1, 2, 4, ... clients at once; tokens/s, latency and outputs compared."""
     from .bench import environment
-    from .cli import command_line
-    from .files import check_output, output_lock, write_text_whole
+    from .files import check_output, command_line, output_lock, write_text_whole
     from .models import resolve_model
     from .questions import PACKAGED_QUESTIONS, read_questions
     from .trim import is_trimmed_dir
 
-    picked = read_questions(questions or PACKAGED_QUESTIONS, per_category)
+    levels = parse_levels(clients)
+    picked = spread(read_questions(questions or PACKAGED_QUESTIONS, per_category))
+    if len(picked) < max(levels):
+        raise VocabTrimError(
+            f"{max(levels)} clients need as many questions, and --per-category {per_category} picks {len(picked)}: "
+            "raise --per-category"
+        )
+    picked = picked[: max(levels)]
     report_path = check_output(Path(out) / "bench-serve.json", force=force)
     target_path, drafter_path = resolve_model(model), resolve_model(draft_model)
     if is_trimmed_dir(drafter_path):
@@ -249,6 +317,9 @@ def bench_serve(
             f"{draft_model} is a trimmed drafter directory, which mlx_lm.server cannot load: pass "
             "the untrimmed drafter (our server trims it with --vocab/--k)"
         )
+    gamma, gamma_from = mlx_lm_num_draft_tokens, "--mlx-lm-num-draft-tokens"
+    if gamma is None:
+        gamma, gamma_from = mlx_lm_best_draft(model, draft_model, target_path, drafter_path)
     settings = {
         "--vocab": vocab,
         "--k": k,
@@ -263,82 +334,58 @@ def bench_serve(
     if adaptive is not None:
         flags.append("--adaptive" if adaptive else "--static")
     prompts = [q["prompt"] for q in picked]
+    mlx_lm = [sys.executable, "-m", "mlx_lm", "server", "--model", target_path, "--log-level", "WARNING"]
+    commands = {
+        OURS: [
+            *[sys.executable, "-m", "mlx_vocabtrim", "serve", "--model", model, "--draft-model", draft_model],
+            *flags,
+            *["--max-tokens", str(max_tokens), "--max-tokens-limit", str(max_tokens)],
+            *["--max-queue", str(max(levels)), "--max-batch", str(max_batch)],
+        ],
+        PLAIN: mlx_lm,
+        SPEC: [*mlx_lm, "--draft-model", drafter_path, "--num-draft-tokens", str(gamma)],
+    }
     with output_lock(report_path, force=force):
         report_path.parent.mkdir(parents=True, exist_ok=True)
-        commands = {
-            OURS: [
-                sys.executable,
-                "-m",
-                "mlx_vocabtrim",
-                "serve",
-                "--model",
-                model,
-                "--draft-model",
-                draft_model,
-                *flags,
-                "--max-tokens",
-                str(max_tokens),
-                "--max-tokens-limit",
-                str(max_tokens),
-                "--max-queue",
-                str(clients),
-            ],
-            THEIRS: [
-                sys.executable,
-                "-m",
-                "mlx_lm",
-                "server",
-                "--model",
-                target_path,
-                "--draft-model",
-                drafter_path,
-                "--log-level",
-                "WARNING",
-            ],
-        }
-        runs: dict[str, tuple[list[dict], list[dict], float]] = {}
-        for name, command in commands.items():
-            port = free_port()
-            log = report_path.parent / f"{'ours' if name == OURS else 'mlx_lm'}.log"
-            click.echo(f"{name}: {len(prompts)} requests one at a time, then from {clients} clients", err=True)
-            with running(name, [*command, "--port", str(port)], port, log) as url:
-                ask(url, prompts[0], min(8, max_tokens))  # warm-up: mlx_lm.server loads its models on first use
-                sequential = [ask(url, p, max_tokens) for p in prompts]
-                concurrent, wall = ask_all(url, prompts, max_tokens, clients)
-            runs[name] = (sequential, concurrent, wall)
-        ours = [r["text"] for r in runs[OURS][0]]
         target = None
         if check_target:
             click.echo("target alone: decoding every question for the comparison", err=True)
             target = target_texts(model, prompts, max_tokens)
-        summary = {name: summarize(*run, ours, target) for name, run in runs.items()}
+        summary: dict[str, dict] = {}
+        records = []
+        for name, command in commands.items():
+            port = free_port()
+            log = report_path.parent / f"{name.replace(' ', '_').replace('-', '')}.log"
+            with running(name, [*command, "--port", str(port)], port, log) as url:
+                ask(url, prompts[0], min(8, max_tokens))  # warm-up: mlx_lm.server loads its models on first use
+                summary[name] = {}
+                for level in levels:
+                    click.echo(f"{name}: {level} clients at once, {repeats} pass(es)", err=True)
+                    passes = [ask_all(url, prompts[:level], max_tokens) for _ in range(repeats)]
+                    summary[name][str(level)] = level_figures(passes, target[:level] if target else None)
+                    records += [
+                        {"server": name, "clients": level, "pass": n, "question_id": q["question_id"], **r}
+                        for n, (answers, _) in enumerate(passes)
+                        for q, r in zip(picked, answers, strict=False)
+                    ]
         env = environment()
-        table = markdown(summary, env, clients, max_tokens)
-        records = [
-            {"server": name, "pass": kind, "question_id": q["question_id"], "category": q["category"], **r}
-            for name, run in runs.items()
-            for kind, answers in zip(("sequential", "concurrent"), run[:2], strict=True)
-            for q, r in zip(picked, answers, strict=True)
-        ]
+        table = markdown(summary, env, levels, max_tokens, repeats)
         config = {
             "model": model,
             "draft_model": draft_model,
             "target_path": target_path,
             "drafter_path": drafter_path,
             "our_flags": flags,
+            "mlx_lm_num_draft_tokens": [gamma, gamma_from],
             "questions": str(questions or PACKAGED_QUESTIONS),
             "per_category": per_category,
             "max_tokens": max_tokens,
-            "clients": clients,
-            "commands": {name: command for name, command in commands.items()},
+            "levels": levels,
+            "repeats": repeats,
+            "commands": commands,
         }
-        report = {
-            "environment": env,
-            "config": config,
-            "command": command_line(),
-            "summary": summary,
-            "requests": records,
-        }
+        report = {"environment": env, "config": config, "command": command_line(), "summary": summary}
+        report["requests"] = records
         write_text_whole(report_path, json.dumps(report, indent=1, default=str) + "\n")
         write_text_whole(report_path.with_name("bench-serve.md"), table)
     click.echo(table, nl=False)

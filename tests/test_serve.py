@@ -95,6 +95,8 @@ def server(model_dirs, vocab_file, log):
             "300",
             "--max-queue",
             "24",
+            "--max-batch",
+            "2",
             "--prefill-step-size",
             "16",
             "--verbose",
@@ -511,22 +513,90 @@ def long_body(**extra) -> dict:
     return {**CHAT, "max_tokens": LONG, "logit_bias": {EOS: -100}, **extra}
 
 
-def test_requests_run_in_arrival_order_and_health_shows_the_queue(server, log):
+def test_requests_join_the_batch_and_health_shows_it(server, log):
+    """A long request decodes speculatively alone; two short ones join it (the batch, no speculation), finish
+    first, and the long one goes on speculatively: /health shows the batch as it grows and shrinks."""
     first = open_request(server, "/v1/chat/completions", long_body(stream=True))
     response = first.getresponse()
     first_id = json.loads(response.readline().decode().removeprefix("data: "))["id"]
-    assert get(server, "/health") == {"status": "ok", "busy": True, "queued": 0}
-    later = []
-    for n in range(2):
-        later.append(open_request(server, "/v1/chat/completions", {**FOX, "max_tokens": 4}))
-        wait_for(lambda n=n: get(server, "/health")["queued"] == n + 1)
+    health = get(server, "/health")
+    assert (health["batch"], health["speculating"], health["queued"]) == (1, True, 0)
+    later = [open_request(server, "/v1/chat/completions", {**FOX, "max_tokens": 60}) for _ in range(2)]
+    wait_for(lambda: get(server, "/health")["batch"] == 2)  # the batch of 2 is full: the third waits
+    wait_for(lambda: get(server, "/health")["queued"] == 1)
+    ids = [json.loads(conn.getresponse().read())["id"] for conn in later]
+    wait_for(lambda: get(server, "/health")["batch"] == 1)
+    assert get(server, "/health")["speculating"] is True
     response.read()
-    ids = [first_id] + [json.loads(conn.getresponse().read())["id"] for conn in later]
     for conn in [first, *later]:
         conn.close()
     text = log.read_text()
-    assert sorted(ids, key=lambda i: text.index(f"{i}:")) == ids
-    assert get(server, "/health") == {"status": "ok", "busy": False, "queued": 0}
+    assert all(text.index(f"{i}:") < text.index(f"{first_id}:") for i in ids), "the short ones finished first"
+    assert all(" 1.0 per target call" in log_line(log, i) for i in ids), "decoded in the batch: no drafts"
+    assert " 1.0 per target call" not in log_line(log, first_id), "speculative alone"
+    health = get(server, "/health")
+    assert (health["busy"], health["batch"], health["queued"]) == (False, 0, 0)
+
+
+def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(model_dirs, vocab_file, target, tmp_path):
+    """Greedy and seeded sampled requests of different lengths, with stop strings, a long prompt, one
+    joining while the others decode and one cancelled midway: each reply equals the one it gets alone."""
+    args = ["--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]), "--vocab"]
+    args += [str(vocab_file), "--k", "200", "--max-batch", "8", "--max-tokens-limit", str(LONG), "--verbose"]
+    proc, url = start(args, tmp_path / "batch.log")
+    long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    bodies = [
+        {**CHAT, "max_tokens": 200, "logit_bias": {EOS: -100}},  # starts alone, then joins the others' batch
+        {**FOX, "max_tokens": 12},
+        {**CHAT, "max_tokens": 20, "temperature": 0.8, "seed": 3},
+        {**FOX, "max_tokens": 25, "temperature": 1.0, "top_p": 0.9, "seed": 11},
+        {**CHAT, "max_tokens": 40, "stop": ["a"]},
+        {"messages": [{"role": "user", "content": long_prompt}], "max_tokens": 16},
+        {"prompt": "def add(a, b):", "max_tokens": 18, "stop": [")", "b"]},
+    ]
+    try:
+        alone = [post(url, "/v1/completions" if "prompt" in b else "/v1/chat/completions", b)[1] for b in bodies]
+        first = open_request(url, "/v1/chat/completions", {**bodies[0], "stream": True})
+        first_reply = first.getresponse()
+        first_reply.readline()  # decoding alone, speculatively
+        cancelled = open_request(url, "/v1/chat/completions", long_body(stream=True))
+        cancelled.getresponse().readline()
+        results: list = [None] * len(bodies)
+
+        def send(i: int) -> None:
+            time.sleep(0.3 if i == len(bodies) - 1 else 0)  # the last joins while the others decode
+            body = bodies[i]
+            results[i] = post(url, "/v1/completions" if "prompt" in body else "/v1/chat/completions", body)[1]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(1, len(bodies))]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        cancelled.close()  # midway, with the others in the batch
+        for t in threads:
+            t.join()
+        events = [json.loads(line[6:]) for line in first_reply.read().decode().splitlines() if line[6:7] == "{"]
+        first.close()
+        text = "".join((e["choices"][0]["delta"].get("content") or "") for e in events if e.get("choices"))
+        results[0] = {
+            "choices": [{"message": {"content": text}, "finish_reason": events[-1]["choices"][0]["finish_reason"]}]
+        }
+        results[0]["speculation"] = events[-1]["speculation"]
+        for body, one, together in zip(bodies, alone, results, strict=True):
+            assert content(together) == content(one), body
+            assert together["choices"][0]["finish_reason"] == one["choices"][0]["finish_reason"]
+        for body, one in zip(bodies, alone, strict=True):
+            if not body.get("temperature") and "stop" not in body:
+                assert content(one) == target(body), "greedy replies are the target's own"
+        assert alone[0]["speculation"]["draft_tokens"] > 0, "alone: speculative"
+        moved = results[0]["speculation"]
+        assert 0 < moved["draft_tokens"] and moved["target_calls"] > alone[0]["speculation"]["target_calls"]
+        wait_for(lambda: not get(url, "/health")["busy"])
+        assert get(url, "/health")["moves"] >= 2, "requests moved into the batch and out of it"
+        assert re.search(r"cancelled$", (tmp_path / "batch.log").read_text(), re.M)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def test_a_client_that_disconnects_cancels_its_request(server, log, target):
@@ -546,16 +616,18 @@ def test_a_client_that_disconnects_cancels_its_request(server, log, target):
             assert f"{job_id}:" not in before
         line = log_line(log, job_id)
         assert line.endswith("cancelled") and int(re.search(r"(\d+) tokens in", line).group(1)) < LONG
-    # a request cancelled while it waits leaves the queue
-    running = open_request(server, "/v1/chat/completions", long_body(stream=True))
-    reply = running.getresponse()
-    reply.readline()
+    # a request cancelled while it waits (the batch of 2 is full) leaves the queue
+    running = [open_request(server, "/v1/chat/completions", long_body(stream=True)) for _ in range(2)]
+    replies = [conn.getresponse() for conn in running]
+    for reply in replies:
+        reply.readline()
     waiting = open_request(server, "/v1/chat/completions", CHAT)
     wait_for(lambda: get(server, "/health")["queued"] == 1)
     waiting.close()
     wait_for(lambda: get(server, "/health")["queued"] == 0)
-    reply.close()
-    running.close()
+    for reply, conn in zip(replies, running, strict=True):
+        reply.close()
+        conn.close()
     wait_for(lambda: not get(server, "/health")["busy"], 10)
     status, answer, _ = post(server, "/v1/chat/completions", CHAT)  # the cache is sound after cancellations
     assert status == 200 and content(answer) == target(CHAT)
@@ -563,7 +635,7 @@ def test_a_client_that_disconnects_cancels_its_request(server, log, target):
 
 def test_target_alone_and_a_full_queue(model_dirs, target, tmp_path):
     proc, url = start(
-        ["--model", str(model_dirs["target"]), "--max-queue", "0", "--max-tokens-limit", str(LONG)],
+        ["--model", str(model_dirs["target"]), "--max-queue", "0", "--max-batch", "1", "--max-tokens-limit", str(LONG)],
         tmp_path / "alone.log",
     )
     try:
@@ -662,46 +734,32 @@ def test_a_busy_port_fails_fast_in_a_real_process(model_dirs):
 # ---- bench-serve -------------------------------------------------------------------------------
 
 
-def test_bench_serve_compares_both_servers_end_to_end(model_dirs, vocab_file, tmp_path):
+def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp_path):
     questions = tmp_path / "q.jsonl"
-    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox")]
+    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox"), ("code", "import numpy as np")]
     questions.write_text(
         "\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in enumerate(turns))
     )
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "bench-serve",
-            "--model",
-            str(model_dirs["target"]),
-            "--draft-model",
-            str(model_dirs["drafter"]),
-            "--vocab",
-            str(vocab_file),
-            "--k",
-            "200",
-            "--questions",
-            str(questions),
-            "--per-category",
-            "1",
-            "--max-tokens",
-            "6",
-            "--clients",
-            "2",
-            "--out",
-            str(out),
-        ],
-    )
+    args = ["bench-serve", "--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"])]
+    args += ["--vocab", str(vocab_file), "--k", "200", "--questions", str(questions), "--per-category", "2"]
+    args += ["--max-tokens", "6", "--clients", "1,3", "--mlx-lm-num-draft-tokens", "2", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench-serve.json").read_text())
-    assert list(report["summary"]) == ["mlx-vocabtrim serve", "mlx_lm.server --draft-model"]
+    assert list(report["summary"]) == ["mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"]
+    assert report["config"]["commands"]["mlx_lm.server --draft-model"][-2:] == ["--num-draft-tokens", "2"]
+    for figures in report["summary"].values():
+        assert set(figures) == {"1", "3"} and figures["3"]["requests"] == 3
+        assert figures["1"]["aggregate_tokens_per_s"] > 0 and figures["3"]["p95_latency_s"] > 0
     ours = report["summary"]["mlx-vocabtrim serve"]
-    assert ours["requests"] == 2 and ours["mismatches_vs_ours"] == [0, 0] and ours["mismatches_vs_target"] == [0, 0]
-    assert len(report["requests"]) == 8 and all(r["completion_tokens"] >= 1 for r in report["requests"])
+    assert ours["1"]["unlike_target"] == 0 and ours["3"]["unlike_target"] == 0
+    assert len(report["requests"]) == 3 * (1 + 3) and all(r["completion_tokens"] >= 1 for r in report["requests"])
     table = (out / "bench-serve.md").read_text()
-    assert "| mlx-vocabtrim serve | 2 |" in table and "aggregate with 2 clients" in table
+    assert "| 3 | " in table and "ours over the better mlx_lm.server" in table
     assert table in result.output
+    refused = CliRunner().invoke(cli, [*args[:-2], "--clients", "1,9", "--out", str(tmp_path / "o2")])
+    assert refused.exit_code == 1 and "9 clients need as many questions" in refused.output
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_5"])
