@@ -58,8 +58,10 @@ class Policy:
     all). Adaptive: within the same bounds, the lengths that maximise the expected tokens per unit
     of time, from this request's acceptance so far (copies and drafts apart) and the relative costs
     `step_cost` (a drafter step) and `token_cost` (each verified token past the first), both in
-    one-token target passes. Decisions use past rounds only, so greedy output and the sampling
-    distribution stay the target's own.
+    one-token target passes. With `confident_stop` (a draft threshold ends drafting where the
+    drafter is unsure, a sharper signal per round than past acceptance) only the copies adapt.
+    Decisions use past rounds only, so greedy output and the sampling distribution stay the
+    target's own.
     """
 
     num_draft_tokens: int
@@ -67,6 +69,7 @@ class Policy:
     adaptive: bool = False
     step_cost: float = STEP_COST
     token_cost: float = TOKEN_COST
+    confident_stop: bool = False
     drafts: Rate = field(default_factory=lambda: Rate("draft"))
     copies: Rate = field(default_factory=lambda: Rate("copy"))
 
@@ -85,7 +88,8 @@ class Policy:
         for c in range(copies + 1):
             reach = a_copy**c  # probability that every copy is accepted
             expected = 1 + (a_copy * (1 - reach) / (1 - a_copy) if a_copy < 1 else c)
-            for g in range(max(0, min(self.num_draft_tokens, budget) - c) if can_draft else 0, -1, -1):
+            most = max(0, min(self.num_draft_tokens, budget) - c) if can_draft else 0
+            for g in [most] if self.confident_stop else range(most, -1, -1):
                 gain = reach * (a_draft * (1 - a_draft**g) / (1 - a_draft) if a_draft < 1 else g)
                 cost = 1 + self.token_cost * (pending + c + g - 1) + self.step_cost * g
                 rate = (expected + gain) / cost

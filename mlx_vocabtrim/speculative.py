@@ -251,7 +251,7 @@ def speculative_generate_step(
     rounds = Rounds(
         history[-1],
         max_tokens,
-        Policy(num_draft_tokens, lookup_tokens, adaptive, step_cost, token_cost),
+        Policy(num_draft_tokens, lookup_tokens, adaptive, step_cost, token_cost, draft_threshold > 0),
         head is not None,
         lookup.propose if lookup is not None else lambda limit: [],
     )

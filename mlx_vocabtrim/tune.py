@@ -196,7 +196,12 @@ def replay(
     (recurrent layers), so its next pass feeds the kept tokens again."""
     answer, total = tr.answer, len(tr.answer)
     policy = Policy(
-        setting.num_draft_tokens, setting.lookup_tokens, setting.adaptive, setting.step_cost, setting.token_cost
+        setting.num_draft_tokens,
+        setting.lookup_tokens,
+        setting.adaptive,
+        setting.step_cost,
+        setting.token_cost,
+        setting.draft_threshold > 0,
     )
     offered = lookups[setting.lookup_ngram] if setting.lookup_ngram else None
 

@@ -64,3 +64,18 @@ def test_copies_and_drafts_are_judged_apart():
     policy.observe(2, 4, 3)  # both copies and 1 of 4 drafts accepted
     assert (policy.copies.accepted, policy.copies.rejected) == (0.8 + 2, 0.8)
     assert (policy.drafts.accepted, policy.drafts.rejected) == (1, 1)
+
+
+def test_with_a_draft_threshold_only_copies_adapt():
+    """The threshold ends drafting where the drafter is unsure: the drafts stay at their bound, copies adapt."""
+    policy = Policy(6, 8, adaptive=True, confident_stop=True)
+    for _ in range(12):
+        policy.observe(4, 2, 1)  # copies rejected early, the drafts never judged
+        policy.observe(0, 6, 6)  # drafts all accepted
+    assert policy.lengths(20, 8, True, 1) == (0, 6)
+    policy = Policy(6, 8, adaptive=True, confident_stop=True)
+    for _ in range(12):
+        policy.observe(8, 0, 8)  # every copy accepted
+    copies, drafts = policy.lengths(20, 8, True, 1)
+    assert copies == 8 and drafts == 0
+    assert all(sum(policy.lengths(20, c, True, 1)) == max(6, c) for c in range(9)), "drafts fill the rest"
