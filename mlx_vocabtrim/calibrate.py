@@ -5,6 +5,7 @@ Work is split into fixed batches of prompts; every batch is decoded the same way
 the run is fresh, resumed or spread across ranks, so all three give identical counts.
 """
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -19,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import VocabTrimError
-from .files import read_json, write_text_whole
+from .files import input_file, read_json, write_text_whole
+from .options import chat_ids
 from .vocab import MAX_COUNT
 
 SOURCES = ("target", "drafter", "dataset")
@@ -32,17 +34,24 @@ def _sharegpt_path() -> Path:
     return Path(spec.origin).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, digest: Any = None) -> str:
+    """A data file's text; its bytes also go into `digest` (a hashlib object): the content a checkpoint records."""
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise VocabTrimError(f"cannot read {path} ({e.strerror or e}): check the path and its permissions") from None
+    if digest is not None:
+        digest.update(raw)
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise VocabTrimError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
 
 
-def _iter_json_array(path: Path, tolerate_cut: bool) -> Iterator[Any]:
+def _iter_json_array(path: Path, tolerate_cut: bool, digest: Any = None) -> Iterator[Any]:
     """Items of a top-level JSON array, decoded one by one (the packaged ShareGPT file is cut short)."""
     decoder = json.JSONDecoder()
-    text = _read_text(path)
+    text = _read_text(path, digest)
     pos = text.index("[") + 1 if "[" in text[:64] else None
     if pos is None:
         raise VocabTrimError(f"{path} is not a JSON array of conversations: give ShareGPT JSON")
@@ -75,36 +84,54 @@ def _record(item: Any, path: Path, line: int) -> dict | None:
     raise VocabTrimError(f"{path} record {line} has no turns, conversations, prompt or text field")
 
 
-def read_records(data: str) -> list[dict]:
-    """Calibration records from Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, plain text,
-    the name `sharegpt`, or a Hugging Face dataset repo id."""
+A_DATA_FILE = "a prompts file (.jsonl, .json or text), `sharegpt` or a dataset repo id"
+
+
+def _data_files(data: str) -> tuple[list[Path], bool]:
+    """The files --data names (one file, or the .json/.jsonl files of a dataset directory) and
+    whether a cut end is tolerated; anything else, a FIFO or a device included, is refused before
+    it is read."""
     if data == "sharegpt":
-        path, tolerate_cut = _sharegpt_path(), True
-    else:
-        path, tolerate_cut = Path(data).expanduser(), False
-        if not path.exists():
-            path = _download_dataset(data)
+        return [_sharegpt_path()], True
+    path = Path(data).expanduser()
+    if not path.exists():
+        path = _download_dataset(data)
     if path.is_dir():
         files = sorted([*path.rglob("*.jsonl"), *path.rglob("*.json")])
-        return [r for f in files for r in read_records(str(f))]
+        if not files:
+            raise VocabTrimError(f"--data {data} holds no .json or .jsonl files: give {A_DATA_FILE}")
+        return [input_file(f, "--data file", A_DATA_FILE) for f in files], False
+    return [input_file(path, "--data", A_DATA_FILE)], False
+
+
+def _file_records(path: Path, tolerate_cut: bool, digest: Any) -> list[dict | None]:
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(_read_text(path).splitlines(), 1):
+        for n, line in enumerate(_read_text(path, digest).splitlines(), 1):
             if line.strip():
                 try:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise VocabTrimError(f"{path} line {n} is not JSON ({e.msg}): fix or remove it") from e
                 records.append(_record(item, path, n))
-    elif path.suffix == ".json":
-        records = [_record(item, path, n) for n, item in enumerate(_iter_json_array(path, tolerate_cut), 1)]
-    else:
-        paragraphs = [p.strip() for p in _read_text(path).split("\n\n")]
-        records = [{"prompt": p, "text": [p]} for p in paragraphs if p]
+        return records
+    if path.suffix == ".json":
+        return [_record(item, path, n) for n, item in enumerate(_iter_json_array(path, tolerate_cut, digest), 1)]
+    paragraphs = [p.strip() for p in _read_text(path, digest).split("\n\n")]
+    return [{"prompt": p, "text": [p]} for p in paragraphs if p]
+
+
+def read_data(data: str) -> tuple[list[dict], str]:
+    """Calibration records from Spec-Bench/ShareGPT/prompt JSONL, ShareGPT JSON, plain text,
+    the name `sharegpt`, or a Hugging Face dataset repo id; and the sha256 of the bytes read,
+    so that a resumed run can tell that the data changed."""
+    files, tolerate_cut = _data_files(data)
+    digest = hashlib.sha256()
+    records = [r for f in files for r in _file_records(f, tolerate_cut, digest)]
     records = [r for r in records if r and r["prompt"].strip()]
     if not records:
         raise VocabTrimError(f"{data} holds no prompts: give a file with prompts or text")
-    return records
+    return records, "sha256:" + digest.hexdigest()
 
 
 def _download_dataset(repo_id: str) -> Path:
@@ -130,14 +157,43 @@ def sample_records(records: list[dict], num_prompts: int | None, seed: int) -> l
     return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), num_prompts))]
 
 
-def _load_checkpoint(path: Path, key: str, batches: int, vocab_size: int) -> tuple[np.ndarray, int]:
+def _settings_key(settings: dict | None) -> str:
+    """The settings as a checkpoint records them."""
+    return json.dumps(settings or {}, sort_keys=True)
+
+
+def _check_settings(path: Path, saved: Any, settings: dict) -> None:
+    """Refuse a checkpoint of other settings, naming the first that differs (the data's digest
+    included: a changed file would mix old batches with new ones)."""
+    try:
+        then = json.loads(saved) if isinstance(saved, str) else None
+    except json.JSONDecodeError:
+        then = None
+    if not isinstance(then, dict):
+        raise VocabTrimError(f"checkpoint {path} records no settings: delete it to start over")
+    now = json.loads(_settings_key(settings))
+    name = next((k for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)), None)
+    if name is None:
+        return
+    was, now = then.get(name), now.get(name)
+    if name == "data_sha256":
+        raise VocabTrimError(
+            f"checkpoint {path} was made from other data (the --data content changed: sha256 {was}, now "
+            f"{now}): restore the data it was made from, or delete the checkpoint to start over"
+        )
+    raise VocabTrimError(
+        f"checkpoint {path} was made with other settings (--{name.replace('_', '-')} was {was!r}, now {now!r}): "
+        "run with the same settings again, or delete the checkpoint to start over"
+    )
+
+
+def _load_checkpoint(path: Path, settings: dict, batches: int, vocab_size: int) -> tuple[np.ndarray, int]:
     """(counts, batches done) from a checkpoint of the same settings, checked field by field."""
     fix = "delete it to start over"
     saved = read_json(path, "is corrupt", fix)
     if not isinstance(saved, dict):
         raise VocabTrimError(f"checkpoint {path} is not a calibration checkpoint: {fix}")
-    if saved.get("settings") != key:
-        raise VocabTrimError(f"checkpoint {path} was made with other settings: delete it or use them again")
+    _check_settings(path, saved.get("settings"), settings)
     done = saved.get("batches_done")
     if type(done) is not int or not 0 <= done <= batches:
         raise VocabTrimError(f"checkpoint {path} says {done!r} batches are done, of {batches}: {fix}")
@@ -156,7 +212,7 @@ def resume_point(
     else zeros and 0. Ranks of a distributed run always start over."""
     if checkpoint is None or mx.distributed.init().size() > 1 or not checkpoint.is_file():
         return np.zeros(vocab_size, dtype=np.int64), 0
-    return _load_checkpoint(checkpoint, json.dumps(settings or {}, sort_keys=True), batches, vocab_size)
+    return _load_checkpoint(checkpoint, settings or {}, batches, vocab_size)
 
 
 def count_dataset(tokenizer: Any, batch: list[dict]) -> tuple[np.ndarray, int]:
@@ -172,7 +228,8 @@ def chat_prompt(tokenizer: Any, text: str, max_prompt_tokens: int | None = None)
         if len(ids) > max_prompt_tokens:
             text = tokenizer.decode(ids[:max_prompt_tokens])
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        fix = "repair the model's chat template (chat_template.jinja or tokenizer_config.json), or pick another model"
+        return chat_ids(tokenizer, [{"role": "user", "content": text}], fix)
     return tokenizer.encode(text)
 
 
@@ -220,7 +277,7 @@ def calibrate(
     group = mx.distributed.init()
     batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     counts, start = resume or resume_point(checkpoint, settings, len(batches), vocab_size)
-    key = json.dumps(settings or {}, sort_keys=True)
+    key = _settings_key(settings)
     for index in range(start, len(batches)):
         if index % group.size() != group.rank():
             continue

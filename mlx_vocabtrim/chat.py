@@ -5,6 +5,8 @@ import click
 from .errors import VocabTrimError
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import (
+    chat_ids,
+    check_context,
     check_utf8,
     count_option,
     draft_options,
@@ -14,6 +16,9 @@ from .options import (
     text_option,
     top_p_option,
 )
+
+RAW_TEXT = "send raw text with `mlx-vocabtrim generate --ignore-chat-template`"
+LONG_CONVERSATION = "type `r` to reset the conversation, or restart chat with a smaller --max-tokens"
 
 
 def _read_line() -> str | None:
@@ -57,15 +62,28 @@ def chat(
     """Chat in the terminal: `q` quits, `r` resets the history; speed and acceptance follow each reply."""
     import mlx.core as mx
 
-    from .resolve import load_for
+    from .resolve import context_length, load_for
     from .speculative import stream_generate
 
     if seed is not None:
         mx.random.seed(seed)
     setup = load_for(click.get_current_context().params)
+    name = setup.names[0]
+    if not getattr(setup.tokenizer, "chat_template", None):
+        raise VocabTrimError(
+            f"{name} has no chat template to chat with: pick a model that has one, or send raw text with "
+            "`mlx-vocabtrim generate`"
+        )
+    context = context_length(setup.target)
+    if context is not None and max_tokens >= context:
+        raise VocabTrimError(
+            f"--max-tokens {max_tokens} leaves no room for a message in {name}'s context of {context} tokens: "
+            f"pass less than {context}"
+        )
     if verbose:
         for line in setup.describe():
             click.echo(line)
+    template_fix = f"drop --system-prompt, or {RAW_TEXT}" if system_prompt else RAW_TEXT
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = []
     click.echo("Type a message; `q` quits, `r` resets the conversation.")
@@ -79,7 +97,13 @@ def chat(
         if not query.strip():
             continue
         history.append({"role": "user", "content": query})
-        prompt = setup.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        prompt = chat_ids(setup.tokenizer, system + history, template_fix)
+        try:
+            check_context(len(prompt), max_tokens, context, LONG_CONVERSATION)
+        except VocabTrimError as e:  # the message is refused, the conversation kept
+            click.echo(f"Error: {e.message}", err=True)
+            history.pop()
+            continue
         reply, response = "", None
         for response in stream_generate(
             setup.target,

@@ -1,8 +1,11 @@
 """The `mlx-vocabtrim` command line: generate, chat, serve, bench-serve, bench, tune, calibrate, vocab, trim,
 convert."""
 
+import signal
 import sys
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -10,9 +13,11 @@ import click
 from . import __version__
 from .chat import chat
 from .errors import VocabTrimError
-from .files import check_output, command_line, output_lock
+from .files import check_output, command_line, input_file, output_lock
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import (
+    chat_ids,
+    check_context,
     check_utf8,
     count_option,
     draft_options,
@@ -29,6 +34,7 @@ from .serve import serve
 from .serve_bench import bench_serve
 
 COVERAGE_KS = (1024, 2048, 4096, 8192, 16384, 32768)
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 
 
@@ -52,28 +58,66 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, ignore_chat_
         return tokenizer.encode(prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    fix = "pass --ignore-chat-template to send the prompt as raw text"
+    return chat_ids(tokenizer, messages, fix + (", or drop --system-prompt" if system_prompt else ""))
+
+
+class Interrupted(Exception):
+    """Ctrl-C, carried past click (which would print "Aborted!" and exit 1)."""
+
+
+@contextmanager
+def one_interrupt() -> Iterator[None]:
+    """Let Ctrl-C interrupt once: later ones are ignored, so that a quick second Ctrl-C cuts short
+    neither the cleanup of the first (locks, partial outputs) nor its one-line exit. SIGINT is left
+    alone off the main thread and where it is not Python's default (ignored, or a caller's own)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def first(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is first:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class OneLineErrors:
     """Every error as one `Error:` line and a non-zero exit, click's own usage errors (an unknown
-    option, a value of the wrong type, a missing option) included."""
+    option, a value of the wrong type, a missing option) included; Ctrl-C as one line and exit 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as e:
-            click.echo(f"Error: {e.format_message()} (see --help)", err=True)
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            e.show()
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        sys.exit(0)
+        with one_interrupt():
+            try:
+                super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except Interrupted:
+                # on a terminal, end the line the ^C echo is on first
+                click.echo("\nInterrupted" if sys.stderr.isatty() else "Interrupted", err=True)
+                sys.exit(INTERRUPTED)
+            except click.UsageError as e:
+                click.echo(f"Error: {e.format_message()} (see --help)", err=True)
+                sys.exit(e.exit_code)
+            except click.ClickException as e:
+                e.show()
+                sys.exit(e.exit_code)
+            except click.Abort:
+                click.echo("Aborted!", err=True)
+                sys.exit(1)
+            sys.exit(0)
 
 
 class OneLineGroup(OneLineErrors, click.Group):
@@ -131,7 +175,7 @@ def generate(
     """Generate text with VocabTrim speculative decoding (flags as mlx_lm.generate)."""
     import mlx.core as mx
 
-    from .resolve import load_for
+    from .resolve import context_length, load_for
     from .speculative import format_stats, stream_generate
 
     text = read_prompt(prompt)
@@ -139,6 +183,7 @@ def generate(
         mx.random.seed(seed)
     setup = load_for(click.get_current_context().params)
     ids = build_prompt(setup.tokenizer, text, system_prompt, ignore_chat_template)
+    check_context(len(ids), max_tokens, context_length(setup.target))
     response = None
     for response in stream_generate(
         setup.target,
@@ -182,8 +227,7 @@ def convert(gguf, out, dtype, quantize, q_bits, q_group_size, force):
             f"{', '.join(map(str, QUANT_BITS))}, group sizes one of "
             f"{', '.join(map(str, QUANT_GROUPS))}"
         )
-    if not gguf.is_file():
-        raise VocabTrimError(f"GGUF file {gguf} does not exist: check the path")
+    input_file(gguf, "GGUF file", "a .gguf file")
     check_output(out, inputs=[gguf], force=force, directory=True)
     with output_lock(out):
         convert_with_progress(
@@ -249,7 +293,7 @@ def calibrate_command(
         count_dataset,
         count_generated,
         progress_bar,
-        read_records,
+        read_data,
         resume_point,
         sample_records,
     )
@@ -260,7 +304,8 @@ def calibrate_command(
     check_output(out, inputs=[data], force=force)
     rank = mx.distributed.init().rank()  # under mlx.launch only rank 0 writes
     with output_lock(out, force=force) if rank == 0 else nullcontext():
-        records = sample_records(read_records(data), num_prompts, seed)
+        records, digest = read_data(data)
+        records = sample_records(records, num_prompts, seed)
         counted = draft_model if source == "drafter" else model
         if source == "dataset":
             tokenizer, vocab_size = load_tokenizer(model)
@@ -278,6 +323,7 @@ def calibrate_command(
             "model": counted,
             "source": source,
             "data": data,
+            "data_sha256": digest,
             "num_prompts": len(records),
             "max_tokens": max_tokens,
             "temp": temp,
@@ -291,6 +337,13 @@ def calibrate_command(
         with bar:
             counts = calibrate(
                 records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings, advance, resume
+            )
+        if not counts.any():  # the model answered none of the prompts: a vocab of nothing ranks nothing
+            checkpoint.unlink(missing_ok=True)
+            flag = "--draft-model" if source == "drafter" else "--model"
+            raise VocabTrimError(
+                f"{counted} ended all {len(records)} answers at once: 0 tokens counted, so no vocab is written; "
+                f"pick another {flag} or --data, or count the prompts' text with --source dataset"
             )
         if rank != 0:
             return

@@ -156,6 +156,19 @@ def output_lock(path: str | Path, force: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
+def input_file(path: str | Path, what: str, give: str) -> Path:
+    """`path` checked to be a regular file before it is opened: a directory, a FIFO (which would
+    block the read) or a device (/dev/zero never ends) is refused by name, with `give` as the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise VocabTrimError(f"{what} {path} does not exist: check the path")
+    if path.is_dir():
+        raise VocabTrimError(f"{what} {path} is a directory: give {give}")
+    if not path.is_file():
+        raise VocabTrimError(f"{what} {path} is not a regular file (a FIFO, device or socket): give {give}")
+    return path
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
@@ -163,17 +176,32 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _overlap(out: Path, source: Path) -> str | None:
+    """How `out` would write over the input directory `source` (inside it, or holding it), if it would."""
+    if not source.is_dir():
+        return None
+    out, source = out.resolve(), source.resolve()
+    if out.is_relative_to(source):
+        return f"is inside the input directory {source}"
+    if source.is_relative_to(out):
+        return f"holds the input directory {source}"
+    return None
+
+
 def check_output(
     path: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False, directory: bool = False
 ) -> Path:
-    """Check an output path before any long work: it is none of the inputs, does not exist
-    (unless `force`), is of the right kind, and its directory can be written to."""
+    """Check an output path before any long work: it is none of the inputs, neither inside nor
+    holding an input directory, does not exist (unless `force`), is of the right kind, and its
+    directory can be written to."""
     path = Path(path).expanduser()
     if not path.name or path.name in (".", ".."):
         raise VocabTrimError(f"--out {str(path)!r} names no {'directory' if directory else 'file'}: give a path")
     for source in inputs:
         if source is not None and _same(path, Path(source).expanduser()):
             raise VocabTrimError(f"--out {path} is also an input: pick another --out, inputs are never replaced")
+        if source is not None and (overlap := _overlap(path, Path(source).expanduser())):
+            raise VocabTrimError(f"--out {path} {overlap}: pick an --out outside it, inputs are never changed")
     kind = "directory" if directory else "file"
     if path.exists() or path.is_symlink():
         if path.is_dir() != directory:

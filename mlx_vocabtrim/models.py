@@ -83,6 +83,11 @@ def resolve_model(name: str) -> str:
     once into the cache directory and reused."""
     from .convert import default_dtype
 
+    if not name.strip():
+        raise VocabTrimError(
+            f"the model name {name!r} is empty: give a Hugging Face id, an mlx-lm directory, a .gguf file or "
+            f"one of {', '.join(PACKAGED)}, or leave the option out for the default"
+        )
     if name in PACKAGED:
         dtype = default_dtype()
         out = cache_dir() / f"{name}-{dtype}"

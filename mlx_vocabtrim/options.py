@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .errors import VocabTrimError
+from .errors import VocabTrimError, first_line
 
 MAX_SEED = 2**64 - 1
 MAX_DRAFT_TOKENS = 64
@@ -48,6 +48,29 @@ def check_utf8(text: str, what: str, fix: str = "give UTF-8 text") -> str:
     except UnicodeError as e:
         raise VocabTrimError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start}): {fix}") from None
     return text
+
+
+def chat_ids(tokenizer: Any, messages: list[dict], fix: str) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template. A template that raises (many
+    refuse a system message, or roles out of order) is a one-line error with its own message and `fix`."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # templates raise their own types: jinja2's TemplateError, ValueError, ...
+        raise VocabTrimError(f"the model's chat template refused the messages ({first_line(e)}): {fix}") from None
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context: int | None, fix: str | None = None) -> None:
+    """Refuse a prompt that, with --max-tokens more, runs past the model's context (None: unknown):
+    before any work, not after a long prefill of positions the model was never trained on."""
+    if context is None or prompt_tokens + max_tokens <= context:
+        return
+    if fix is None:
+        room = context - prompt_tokens
+        fix = f"pass --max-tokens {room} or less, or shorten the prompt" if room > 0 else "shorten the prompt"
+    raise VocabTrimError(
+        f"the prompt is {prompt_tokens} tokens and --max-tokens {max_tokens} more would run past the "
+        f"model's context of {context} tokens: {fix}"
+    )
 
 
 def check_num_draft_tokens(n: int) -> int:

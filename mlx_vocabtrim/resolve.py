@@ -67,6 +67,12 @@ class Setup:
         return lines
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's context in tokens (its config's max_position_embeddings), None where it names none."""
+    context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 1 else None
+
+
 def load_target(name: str) -> tuple[nn.Module, Any, str]:
     """(target, tokenizer, resolved path); a trimmed drafter directory is refused as a target."""
     resolved = resolve_model(name)
@@ -127,6 +133,12 @@ def load(
         "lookup_tokens": lookup_tokens,
         "adaptive": adaptive,
     }
+    if model is not None and not model.strip():
+        raise VocabTrimError(f"--model {model!r} names no model: give one, or leave --model out for the default pair")
+    if draft_model is not None and not draft_model.strip():
+        raise VocabTrimError(
+            f"--draft-model {draft_model!r} names no model: give a drafter, or none to decode with the target alone"
+        )
     if model is None and draft_model is None:
         model, draft_model = DEFAULT_TARGET, DEFAULT_DRAFTER
     model = model or DEFAULT_TARGET

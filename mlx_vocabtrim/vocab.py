@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from .errors import VocabTrimError
-from .files import write_whole
+from .files import input_file, write_whole
 
 VOCAB_FORMAT = "mlx-vocabtrim-vocab/1"
+A_VOCAB_FILE = "a vocab file (.json or .json.gz, or a text file of ids)"
 PACKAGED_VOCABS = Path(__file__).parent / "data"
 MAX_COUNT = 2**63 - 1
 _PADDING = re.compile(r"\[PAD\d+\]")  # llama.cpp's placeholders for head rows past the tokenizer
@@ -120,9 +121,7 @@ def _check_counts(counts: Any, where: str) -> np.ndarray:
 
 def load_vocab(path: str | Path) -> dict:
     """Read and check a vocab file; returns {"counts": np.ndarray, "metadata": dict}."""
-    path = Path(path)
-    if not path.is_file():
-        raise VocabTrimError(f"vocab file {path} does not exist: check the path")
+    path = input_file(path, "vocab file", A_VOCAB_FILE)
     try:
         with _open_text(path) as f:
             doc = json.load(f)
@@ -189,8 +188,7 @@ def read_ranked_ids(path: str | Path, tokenizer: Any = None) -> list[int]:
     if path.name.endswith((".json", ".json.gz")):
         vocab = load_vocab(path)
         return rank_ids(vocab["counts"]) if tokenizer is None else ranked_for(vocab, path, tokenizer)
-    if not path.is_file():
-        raise VocabTrimError(f"vocab file {path} does not exist: check the path")
+    input_file(path, "vocab file", A_VOCAB_FILE)
     try:
         return [int(tok) for tok in _open_text(path).read().split()]
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:

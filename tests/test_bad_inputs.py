@@ -48,9 +48,11 @@ class Case:
     message: str
     stdin: bytes | None = None
     process: bool = False  # run `python -m mlx_vocabtrim` in a subprocess (real stdin bytes and locale)
+    progress: str | None = None  # the label of a progress bar that may come before the error
 
 
 def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
     return path
 
@@ -246,6 +248,74 @@ def trim_counts(env: Env) -> Case:
     )
 
 
+def model_copy(env: Env, model: str, name: str) -> Path:
+    """A copy of a model in the row's directory, to change or to write beside."""
+    return Path(shutil.copytree(model, env.dir / name))
+
+
+def strict_template(env: Env) -> str:
+    """A copy of the target whose chat template raises, as strict templates do (for a system message, say)."""
+    path = model_copy(env, env.target, "strict")
+    write(path / "chat_template.jinja", "{{ raise_exception('System role not supported') }}")
+    return str(path)
+
+
+def no_template(env: Env) -> str:
+    """A copy of the target without a chat template (a base model)."""
+    path = model_copy(env, env.target, "base")
+    (path / "chat_template.jinja").unlink()
+    return str(path)
+
+
+def mute_model(env: Env) -> str:
+    """A copy of the target that ends every answer at once: all its ids are ends of text."""
+    path = model_copy(env, env.target, "mute")
+    config = json.loads((path / "config.json").read_text())
+    write(path / "config.json", json.dumps({**config, "eos_token_id": list(range(320))}))
+    return str(path)
+
+
+def fifo(env: Env) -> Path:
+    """A named pipe nothing writes to: reading it blocks forever."""
+    os.mkfifo(env.dir / "fifo")
+    return env.dir / "fifo"
+
+
+def calibrate_nothing(env: Env) -> Case:
+    """0 tokens counted, with --force over an earlier vocab: refused, the earlier vocab kept (it once was
+    replaced by an empty one)."""
+    args = ["calibrate", "--model", mute_model(env), "--data", str(env.data), "--max-tokens", "4"]
+    existing_vocab(env)
+    return Case(
+        [*args, "--out", str(env.dir / "v.json"), "--force"],
+        "ended all 4 answers at once: 0 tokens counted, so no vocab is written; pick another --model or --data",
+        progress="Calibrating",
+    )
+
+
+def changed_setting(message: str, **settings) -> Callable[[Env], Case]:
+    """A genuine checkpoint whose recorded settings differ in `settings`, then the same command again."""
+
+    def build(env: Env) -> Case:
+        recorded = {**json.loads(env.checkpoint["settings"]), **settings}
+        write(env.dir / "v.json.checkpoint", json.dumps({**env.checkpoint, "settings": json.dumps(recorded)}))
+        return Case(calibrate_args(env), message)
+
+    return build
+
+
+def trim_into(out: Callable[[Path], Path], *extra: str, message: str) -> Callable[[Env], Case]:
+    """trim of a copy of the drafter (in the row's models/ directory) to --out `out(copy)`."""
+
+    def build(env: Env) -> Case:
+        (env.dir / "models").mkdir()
+        drafter = model_copy(env, env.drafter, "models/drafter")
+        args = ["trim", "--draft-model", str(drafter), "--model", env.target, "--vocab", str(env.vocab), "--k", "40"]
+        return Case([*args, "--out", str(out(drafter)), *extra], message)
+
+    return build
+
+
 # fmt: off
 ROWS: dict[str, Callable[[Env], Case]] = {
     # data lost or silently wrong
@@ -285,7 +355,23 @@ ROWS: dict[str, Callable[[Env], Case]] = {
         ["vocab", "merge", str(env.vocab), str(env.vocab), "--weights", "100000000000000000,1", "--out",
          str(env.dir / "m.json")], "--weights are too large"),
     "bench --temp -1": bench("--temp", "-1", message="--temp -1.0 is out of range"),
+    "calibrate --data a directory of no data files": lambda env: Case(
+        calibrate_args(env, data=write(env.dir / "notes" / "a.txt", "text").parent),
+        "holds no .json or .jsonl files: give a prompts file"),
+    "calibrate counting 0 tokens, --force over a vocab": calibrate_nothing,
+    "checkpoint of data since changed": changed_setting(
+        "was made from other data (the --data content changed: sha256 sha256:000", data_sha256="sha256:" + "0" * 64),
+    "checkpoint of another --max-tokens": changed_setting(
+        "other settings (--max-tokens was 999, now 256): run with the same settings again, or delete", max_tokens=999),
+    "trim --out inside the drafter's directory": trim_into(
+        lambda drafter: drafter / "trimmed", message="is inside the input directory"),
+    "trim --out the drafter's parent, --force": trim_into(
+        lambda drafter: drafter.parent, "--force", message="holds the input directory"),
     # never ends
+    "calibrate --data a FIFO": lambda env: Case(calibrate_args(env, data=fifo(env)),
+                                                "is not a regular file (a FIFO, device or socket)", process=True),
+    "generate of a prompt past the context": generate("--prompt", "word " * 1500,
+                                                      message="past the model's context of 1024 tokens: shorten"),
     "chat --max-tokens -1": chat("--max-tokens", "-1", message="--max-tokens -1 is out of range: use 1 or more"),
     "bench --max-tokens -1": bench("--max-tokens", "-1", message="--max-tokens -1 is out of range: use 1 or more"),
     # tracebacks
@@ -337,6 +423,34 @@ ROWS: dict[str, Callable[[Env], Case]] = {
                                                      "is a file: give a directory"),
     "bench rerun over a finished bench with other settings": finished_bench,
     "generate --temp nan": generate("--temp", "nan", message="--temp nan is out of range"),
+    "generate with a chat template that raises": lambda env: Case(
+        ["generate", "--model", strict_template(env)],
+        "chat template refused the messages (System role not supported): pass --ignore-chat-template"),
+    "generate --system-prompt with a chat template that raises": lambda env: Case(
+        ["generate", "--model", strict_template(env), "--system-prompt", "Be brief."], "or drop --system-prompt"),
+    "chat with a chat template that raises": lambda env: Case(
+        ["chat", "--model", strict_template(env)], "(System role not supported): send raw text with `mlx-vocabtrim "
+        "generate --ignore-chat-template`", stdin=b"hello\nq\n", process=True),
+    "chat with a model without a chat template": lambda env: Case(
+        ["chat", "--model", no_template(env)], "has no chat template to chat with: pick a model that has one"),
+    "generate --max-tokens past the context": generate("--max-tokens", "1020", message="run past the model's "
+                                                       "context of 1024 tokens: pass --max-tokens 954 or less"),
+    "chat --max-tokens past the context": chat("--max-tokens", "1024", message="--max-tokens 1024 leaves no room"),
+    "vocab show DIR": lambda env: Case(["vocab", "show", str(env.dir)], "is a directory: give a vocab file"),
+    "vocab show FIFO": lambda env: Case(["vocab", "show", str(fifo(env))], "is not a regular file (a FIFO, device"),
+    "vocab show /dev/zero": lambda env: Case(["vocab", "show", "/dev/zero"], "/dev/zero is not a regular file"),
+    "generate --vocab DIR": lambda env: Case(["generate", "--model", env.target, "--draft-model", env.drafter,
+                                              "--vocab", str(env.dir)], "is a directory: give a vocab file"),
+    "calibrate --data /dev/null": lambda env: Case(calibrate_args(env, data=Path("/dev/null")),
+                                                   "/dev/null is not a regular file"),
+    # with --k, an old '' that meant the default pair fails at once instead of loading that pair
+    "generate --model ''": lambda env: Case(["generate", "--model", "", "--k", "5"], "--model '' names no model: give"),
+    "generate --draft-model ''": lambda env: Case(["generate", "--model", env.target, "--draft-model", ""],
+                                                  "--draft-model '' names no model: give a drafter, or none"),
+    "calibrate --model ''": lambda env: Case(["calibrate", "--model", "", "--source", "dataset", "--data",
+                                              str(env.data), "--out", str(env.dir / "v.json")], "'' is empty: give"),
+    "trim --draft-model ''": lambda env: Case(["trim", "--draft-model", "", "--k", "40", "--out",
+                                               str(env.dir / "t")], "the model name '' is empty"),
     "trim over an existing --out": trim_existing,
     # chat and bench check what generate checks
     "chat --temp -1": chat("--temp", "-1", message="--temp -1.0 is out of range"),
@@ -355,11 +469,12 @@ ROWS: dict[str, Callable[[Env], Case]] = {
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
-    """Every file and directory under `roots`: its content hash, or "dir"."""
+    """Every file and directory under `roots`: its content hash, "dir", or "special" (a FIFO)."""
     state = {}
     for root in roots:
         for path in [root, *root.rglob("*")] if root.exists() else []:
-            state[str(path)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+            kind = "dir" if path.is_dir() else None if path.is_file() else "special"  # a FIFO is not read
+            state[str(path)] = kind or hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
 
@@ -427,7 +542,7 @@ def test_bad_input(row, env, shared):
     roots = [env.dir, shared["root"], Path(env.target), Path(env.drafter)]
     before = snapshot(*roots)
     code, out = run_cli(case.args, case.stdin, case.process)
-    assert_one_line_error(code, out, case.message)
+    assert_one_line_error(code, out, case.message, case.progress)
     assert snapshot(*roots) == before, "an input or an earlier output changed, or something was left behind"
 
 

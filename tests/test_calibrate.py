@@ -1,5 +1,6 @@
 """Calibration: exact counts, input formats, resume, distributed runs, vocab tools and trim directories."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,11 +23,15 @@ from mlx_vocabtrim import (
     speculative_generate_step,
     trim_drafter,
 )
-from mlx_vocabtrim.calibrate import calibrate, count_dataset, read_records, sample_records
+from mlx_vocabtrim.calibrate import calibrate, count_dataset, read_data, sample_records
 from mlx_vocabtrim.cli import cli
 from mlx_vocabtrim.vocab import rank_ids, select_keep_ids, special_ids
 
 QUESTIONS = [f"Write function number {i} that adds {i} to x." for i in range(12)]
+
+
+def read_records(data: str) -> list[dict]:
+    return read_data(data)[0]
 
 
 def invoke(*args):
@@ -169,6 +174,34 @@ def test_resume_after_interrupt_equals_uninterrupted(data_files, tokenizer, tmp_
     assert counts.tolist() == expected.tolist()
     with pytest.raises(VocabTrimError, match="made with other settings"):
         calibrate(records, 320, resumed, batch_size=2, checkpoint=checkpoint, settings={"a": 2})
+
+
+def test_a_resume_refuses_data_changed_since(model_dirs, tmp_path, monkeypatch):
+    """The checkpoint records the sha256 of the --data bytes: the same file with other content (and as
+    many prompts) is refused, naming the data; restored, the run resumes and records the digest."""
+    data = tmp_path / "d.txt"
+    data.write_text("one two\n\nthree four\n\nfive six")
+    args = ["calibrate", "--model", model_dirs["target"], "--source", "dataset", "--data", data, "--batch-size", 1]
+    args += ["--out", tmp_path / "v.json"]
+
+    def interrupted(*args) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mlx_vocabtrim.vocab.save_vocab", interrupted)
+        invoke(*args)
+    checkpoint = tmp_path / "v.json.checkpoint"
+    saved = checkpoint.read_text()
+    data.write_text("one two\n\nthree four\n\nfive seven")
+    code, out = invoke(*args)
+    assert code == 1 and "was made from other data (the --data content changed" in out, out
+    assert "restore the data it was made from, or delete the checkpoint" in out
+    assert checkpoint.read_text() == saved and not (tmp_path / "v.json").exists()
+    data.write_text("one two\n\nthree four\n\nfive six")
+    code, out = invoke(*args)
+    assert code == 0, out
+    digest = "sha256:" + hashlib.sha256(data.read_bytes()).hexdigest()
+    assert load_vocab(tmp_path / "v.json")["metadata"]["data_sha256"] == digest
 
 
 def test_killed_cli_run_resumes(model_dirs, data_files, tmp_path):

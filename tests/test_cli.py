@@ -2,8 +2,10 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -165,3 +167,16 @@ def test_module_entry_points(model_dirs, tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_quick_second_ctrl_c_exits_cleanly(model_dirs):
+    """Ctrl-C while generating, then more before the process is gone (during the first one's cleanup):
+    exit 130 and one line, never click's "Aborted!" with exit 1, a traceback or death by the signal."""
+    cmd = [sys.executable, "-m", "mlx_vocabtrim", "generate", "--model", str(model_dirs["target"])]
+    proc = subprocess.Popen([*cmd, "--max-tokens", "900"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1), "generation started"
+    for _ in range(3):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.decode()) == (130, "Interrupted\n")
