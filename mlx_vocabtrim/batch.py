@@ -196,6 +196,8 @@ class Decoder:
         held = seq.target_cache[0].offset if seq.target_cache and hasattr(seq.target_cache[0], "offset") else 0
         if self.drafter is not None and seq.draft_cache is None:
             seq.draft_cache = make_prompt_cache(self.drafter)
+        if seq.temp > 0:  # unseeded (seeded ones never speculate): draws nobody can predict from other requests
+            mx.random.seed(secrets.randbits(64))
         seq.stream = speculative_generate_step(
             history[held:],
             self.target,

@@ -65,7 +65,10 @@ def sampling_logprobs(logits: mx.array, temp: float, top_p: float) -> mx.array:
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if 0 < top_p < 1:
         logprobs = apply_top_p(logprobs, top_p)
-    scaled = logprobs / temp
+    # from the most likely token down: a temperature too small for float32 (1e-300 is 0 there) leaves
+    # the most likely tokens, not 0 / 0 = NaN everywhere
+    shifted = logprobs - logprobs.max(axis=-1, keepdims=True)
+    scaled = mx.where(shifted < 0, shifted / temp, 0.0)
     return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
 
 

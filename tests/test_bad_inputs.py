@@ -464,6 +464,11 @@ ROWS: dict[str, Callable[[Env], Case]] = {
     "bench --temp nan": bench("--temp", "nan", message="--temp nan is out of range"),
     "bench --top-p 0": bench("--top-p", "0", message="--top-p 0.0 is out of range"),
     "bench --top-p 1.5": bench("--top-p", "1.5", message="--top-p 1.5 is out of range"),
+    # serve's limits on clients
+    "serve --read-timeout 0": lambda env: Case(["serve", "--model", env.unused_model, "--read-timeout", "0"],
+                                               "--read-timeout 0 is out of range: use 1 or more"),
+    "serve --max-connections 0": lambda env: Case(["serve", "--model", env.unused_model, "--max-connections", "0"],
+                                                  "--max-connections 0 is out of range: use 1 or more"),
 }
 # fmt: on
 

@@ -6,10 +6,12 @@ shapes, streaming, stop strings, the queue, cancellation and `bench-serve`.
 """
 
 import http.client
+import itertools
 import json
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -23,12 +25,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from conftest import build_tokenizer, make_model, model_config, save_model
+from conftest import VOCAB, build_tokenizer, make_model, model_config, save_model
 from mlx_lm import load as mlx_lm_load
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlx_vocabtrim import generate, load, save_vocab
 from mlx_vocabtrim.cli import cli
-from mlx_vocabtrim.serve import Engine, Job, held_back, stop_index
+from mlx_vocabtrim.serve import Engine, Job, Message, held_back, stop_index
 
 EOS = "2"  # <|im_end|> in the test tokenizer
 LONG = 900  # tokens of a request that must still be running while a test looks at it
@@ -43,6 +46,14 @@ TURNS = {
     "max_tokens": 24,
 }
 TEXT = {"prompt": "import numpy as np\nx = np.arange(10)", "max_tokens": 24}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +63,13 @@ def vocab_file(tmp_path_factory):
     return path
 
 
-def start(args: list[str], log) -> tuple[subprocess.Popen, str]:
+def start(args: list[str], log, **popen) -> tuple[subprocess.Popen, str]:
     """Start `mlx-vocabtrim serve ARGS --port 0`; (process, URL) once it prints where it listens."""
     command = [sys.executable, "-m", "mlx_vocabtrim", "serve", *args, "--port", "0"]
-    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, **popen)
     deadline = time.time() + 120
     while time.time() < deadline:
-        found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+        found = re.search(r"at (http://\S+?)/v1 ", log.read_text())
         if found:
             return proc, found.group(1)
         if proc.poll() is not None:
@@ -118,14 +129,15 @@ def target(model_dirs):
         bias = {int(i): v for i, v in body.get("logit_bias", {}).items()} or None
         return generate(model, tokenizer, prompt, None, max_tokens=body["max_tokens"], logit_bias=bias)
 
-    expected.tokenizer = tokenizer
+    expected.tokenizer, expected.model = tokenizer, model
     return expected
 
 
-def post(url: str, path: str, body: dict | None = None, raw: bytes | None = None, timeout: float = 120):
+def post(url: str, path: str, body: dict | None = None, raw: bytes | None = None, timeout: float = 120, headers=None):
     """(status, parsed JSON or text, headers) of a POST."""
     data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, text, headers = response.status, response.read().decode(), response.headers
@@ -225,7 +237,7 @@ def test_a_reused_cache_is_bitwise_a_fresh_run(model_dirs, vocab_file):
 
     def run(engine: Engine, prompt: list[int], max_tokens: int = 12) -> tuple[str, dict]:
         pieces = []
-        result = engine.run(Job(prompt, max_tokens, lambda kind, value: pieces.append(value), logit_bias={2: -100}))
+        result = engine.run(Job(prompt, max_tokens, lambda kind, value: pieces.append(value[0]), logit_bias={2: -100}))
         return "".join(pieces), result
 
     reusing, fresh = Engine(setup, prefill_step=16), Engine(setup, prefill_step=16)
@@ -269,12 +281,28 @@ def test_fields_naming_models_get_4xx_that_reveal_nothing(server, model_dirs, tm
     assert sorted(cache.rglob("*")) == before
 
 
-def test_models_lists_the_served_model_once_and_answers_to_it(server, model_dirs):
-    models = get(server, "/v1/models")
-    assert [m["id"] for m in models["data"]] == [str(model_dirs["target"])]
-    for name in (str(model_dirs["target"]), "default_model"):
+def head(url: str, path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(urllib.request.Request(url + path, method="HEAD"), timeout=30) as response:
+        return response.status, response.read()
+
+
+def test_models_shows_an_id_not_a_path_retrieves_it_and_answers_to_it(server, model_dirs):
+    """openai's client.models.retrieve and HEAD work, and no local path is shown (the id is the
+    directory's name); requests may name the model by its id, mlx-lm's alias or --model as given."""
+    with urllib.request.urlopen(server + "/v1/models", timeout=30) as response:
+        listing = response.read().decode()
+    assert [m["id"] for m in json.loads(listing)["data"]] == ["target"]
+    assert str(model_dirs["target"].parent) not in listing
+    for name in ("target", "default_model"):
+        assert get(server, f"/v1/models/{name}")["id"] == "target"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(server + "/v1/models/other/model", timeout=30)
+    assert err.value.code == 404 and error_of(json.loads(err.value.read()))["code"] == "model_not_found"
+    for path in ("/health", "/v1/models", "/v1/models/target"):
+        assert head(server, path) == (200, b"")
+    for name in ("target", "default_model", str(model_dirs["target"])):
         status, answer, _ = post(server, "/v1/chat/completions", {**CHAT, "max_tokens": 2, "model": name})
-        assert status == 200 and answer["model"] == str(model_dirs["target"])
+        assert status == 200 and answer["model"] == "target"
 
 
 def test_browsers_may_call_it_from_local_pages_only(server):
@@ -303,6 +331,7 @@ def test_browsers_may_call_it_from_local_pages_only(server):
         raise AssertionError("a request for another host name was answered")
     except urllib.error.HTTPError as e:
         assert e.code == 400, "DNS rebinding: only loopback host names are served on loopback"
+        assert error_of(json.loads(e.read()))["code"] == "invalid_host"
     assert preflight("http://localhost:3000") == "http://localhost:3000"
     assert preflight("http://127.0.0.1:8081") == "http://127.0.0.1:8081"
     assert preflight("https://example.com") is None
@@ -377,7 +406,10 @@ BAD_FIELDS = [
     ({"stop": 5}, "stop"),
     ({"stream": "yes"}, "stream"),
     ({"model": 5}, "model"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"echo": True}, "echo"),
     ({"best_of": 2}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -394,9 +426,23 @@ BAD_CHAT = [
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         "messages[0].content",
     ),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 1}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "always"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [TOOL]}, "tool_choice"),
+    (
+        {
+            "messages": [
+                {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}
+            ]
+        },
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
 ]
 
@@ -498,6 +544,192 @@ def test_sampling_with_a_seed_repeats(server):
     assert first == second
 
 
+def test_an_unseeded_request_after_a_seeded_one_is_not_predictable(server):
+    """A seed is the request's own: it does not set what the next, unseeded request draws."""
+    sampled = {**FOX, "temperature": 1.5, "max_tokens": 12}
+    seeded = [content(post(server, "/v1/chat/completions", {**sampled, "seed": seed})[1]) for seed in (7, 8)]
+    assert seeded[0] != seeded[1]  # the sampling varies
+    after = []
+    for _ in range(3):
+        assert content(post(server, "/v1/chat/completions", {**sampled, "seed": 7})[1]) == seeded[0]
+        after.append(content(post(server, "/v1/chat/completions", sampled)[1]))
+    assert len(set(after)) == 3 and seeded[0] not in after
+
+
+# ---- clients: logprobs, tools, senders ------------------------------------------------------
+
+BYTE_CHAR = bytes_to_unicode()  # the byte-level BPE alphabet of the test tokenizer
+
+
+def ids_of(tokenizer, entries: list[dict]) -> list[int]:
+    """The token ids of chat logprobs entries, read back from their bytes."""
+    vocab = tokenizer.get_vocab()
+    return [vocab["".join(BYTE_CHAR[b] for b in e["bytes"])] for e in entries]
+
+
+def forward_logprobs(target, prompt: list[int], ids: list[int], bias: dict | None = None) -> mx.array:
+    """The target's log-softmax rows at each reply token, from one plain forward pass over prompt + reply."""
+    logits = target.model(mx.array([prompt + ids]))[0, len(prompt) - 1 : -1].astype(mx.float32)
+    for i, value in (bias or {}).items():
+        logits[:, int(i)] += value
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def detokenized(tokenizer, ids: list[int]) -> str:
+    detokenizer = tokenizer.detokenizer
+    for token in ids:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
+
+
+def greedy_ids(target, prompt: list[int], count: int) -> list[int]:
+    """The target's own greedy reply, up to EOS."""
+    from mlx_lm.generate import generate_step
+
+    ids = [token for token, _ in itertools.islice(generate_step(mx.array(prompt), target.model), count)]
+    return ids[: ids.index(int(EOS))] if int(EOS) in ids else ids
+
+
+def test_logprobs_are_the_targets_own_log_softmax(server, target):
+    """Each token's logprob and top_logprobs are the target's (with logit_bias, before temperature and
+    top_p, as mlx_lm.server reports them), for drafted tokens too, streamed or not."""
+    tokenizer, vocab = target.tokenizer, 312
+    sampled = {**FOX, "temperature": 0.9, "top_p": 0.9, "seed": 3, "logit_bias": {"100": 3.0}}
+    cases = [
+        ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 5}),
+        ("/v1/chat/completions", {**sampled, "logprobs": True, "top_logprobs": 3}),
+        ("/v1/completions", {**TEXT, "logprobs": 4}),
+    ]
+    accepted = 0
+    for path, body in cases:
+        status, answer, _ = post(server, path, body)
+        assert status == 200, answer
+        accepted += answer["speculation"]["accepted_tokens"]
+        got = answer["choices"][0]["logprobs"]
+        events = stream(server, path, body)
+        if "messages" in body:
+            prompt = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True)
+            entries, top = got["content"], body["top_logprobs"]
+            assert [
+                e for ev in events for c in ev["choices"] for e in (c["logprobs"] or {}).get("content", [])
+            ] == entries
+            ids = ids_of(tokenizer, entries)
+            assert detokenized(tokenizer, ids) == content(answer)
+            assert "seed" in body or ids == greedy_ids(target, prompt, body["max_tokens"])
+            logprobs = [e["logprob"] for e in entries]
+            tops = [[t["logprob"] for t in e["top_logprobs"]] for e in entries]
+            top_ids = [ids_of(tokenizer, e["top_logprobs"]) for e in entries]
+        else:
+            prompt, top = tokenizer.encode(body["prompt"]), body["logprobs"]
+            ids = greedy_ids(target, prompt, body["max_tokens"])
+            streamed = [c["logprobs"] for ev in events for c in ev["choices"] if c["logprobs"]]
+            assert sum((s["token_logprobs"] for s in streamed), []) == got["token_logprobs"]
+            assert sum((s["text_offset"] for s in streamed), []) == got["text_offset"]
+            assert got["text_offset"] == sorted(got["text_offset"]) and got["text_offset"][0] == 0
+            logprobs, tops = got["token_logprobs"], [sorted(t.values(), reverse=True) for t in got["top_logprobs"]]
+            top_ids = None
+        expected = forward_logprobs(target, prompt, ids, body.get("logit_bias"))
+        assert (
+            len(ids)
+            == len(logprobs)
+            == answer["usage"]["completion_tokens"] - (answer["choices"][0]["finish_reason"] == "stop")
+        )
+        for i, token in enumerate(ids):
+            assert abs(logprobs[i] - expected[i, token].item()) < 1e-3, (body, i)
+            best = mx.argsort(-expected[i, :vocab])[:top].tolist()
+            assert max(abs(a - expected[i, b].item()) for a, b in zip(tops[i], best, strict=True)) < 1e-3
+            if top_ids is not None:
+                assert top_ids[i] == best
+    assert accepted > 0  # drafted tokens were scored too
+
+
+def test_tool_fields_are_accepted_and_tool_histories_reach_the_template(server, target):
+    """tools and every tool_choice are taken (this tokenizer has no tool-call format: the reply is
+    content), and an assistant message with content null and tool_calls, then a tool result, is a
+    valid history."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for extra in (
+        {"tool_choice": "auto"},
+        {"tools": [TOOL]},
+        {"tools": [TOOL], "tool_choice": "none"},
+        {"tools": [TOOL], "tool_choice": "required"},
+        {"tools": [TOOL], "tool_choice": named},
+    ):
+        status, answer, _ = post(server, "/v1/chat/completions", {**CHAT, **extra})
+        assert status == 200 and content(answer) == target(CHAT), (extra, answer)
+        assert answer["choices"][0]["finish_reason"] == "length" and "tool_calls" not in answer["choices"][0]["message"]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [
+        *CHAT["messages"],
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"},
+    ]
+    status, answer, _ = post(server, "/v1/chat/completions", {**CHAT, "messages": history, "tools": [TOOL]})
+    assert status == 200, answer
+    rendered = [history[0], {"role": "assistant", "content": ""}, history[2]]  # this template shows content only
+    assert answer["usage"]["prompt_tokens"] == len(
+        target.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+    )
+
+
+def test_messages_reach_the_template_whole():
+    """What a chat template gets of each message: null content as "" (as mlx-lm's server passes it:
+    templates that join strings fail on a missing one), tool calls with their arguments parsed
+    (templates write them with tojson), tool_call_id and name."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": [{"type": "text", "text": "sun"}]},
+    ]
+    assert [Message.model_validate(m).for_template() for m in messages] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{**call, "function": {**call["function"], "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "sun", "tool_call_id": "call_1", "name": "get_weather"},
+    ]
+
+
+def test_cross_site_posts_and_bodies_not_sent_as_json_are_refused(server):
+    """A web page's POST (text/plain needs no CORS preflight) is refused unless its Origin is
+    allowed, and a body must come as JSON (charset parameters and any case accepted)."""
+    body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+    cases = [
+        ({"Content-Type": "text/plain", "Origin": "https://evil.example"}, 403),
+        ({"Origin": "https://evil.example"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Origin": "http://localhost.evil.example"}, 403),
+        ({"Content-Type": "text/plain"}, 415),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Content-Type": ""}, 415),
+        ({"Origin": "http://localhost:3000"}, 200),
+        ({"Origin": "http://127.0.0.1:8081", "Content-Type": "application/json; charset=utf-8"}, 200),
+        ({"Content-Type": "Application/JSON"}, 200),
+    ]
+    for headers, expected in cases:
+        status, answer, _ = post(server, "/v1/chat/completions", raw=body, headers=headers)
+        assert status == expected, (headers, answer)
+        if expected != 200:
+            assert error_of(answer)["code"] in ("forbidden", "unsupported_media_type")
+
+
+def test_a_client_that_drops_mid_body_is_one_log_line(server, log):
+    host, port = server.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"messages"'
+            )
+            time.sleep(0.2)
+    wait_for(lambda: "disconnected while sending" in log.read_text())
+    assert get(server, "/health")["status"] == "ok"
+    text = log.read_text()
+    assert "Traceback" not in text and text.count("disconnected while sending") == 1
+
+
 # ---- fair service: FIFO, /health, cancellation ---------------------------------------------
 
 
@@ -519,8 +751,9 @@ def test_requests_join_the_batch_and_health_shows_it(server, log):
     first = open_request(server, "/v1/chat/completions", long_body(stream=True))
     response = first.getresponse()
     first_id = json.loads(response.readline().decode().removeprefix("data: "))["id"]
+    wait_for(lambda: get(server, "/health")["speculating"])
     health = get(server, "/health")
-    assert (health["batch"], health["speculating"], health["queued"]) == (1, True, 0)
+    assert (health["batch"], health["queued"]) == (1, 0)
     later = [open_request(server, "/v1/chat/completions", {**FOX, "max_tokens": 60}) for _ in range(2)]
     wait_for(lambda: get(server, "/health")["batch"] == 2)  # the batch of 2 is full: the third waits
     wait_for(lambda: get(server, "/health")["queued"] == 1)
@@ -536,6 +769,11 @@ def test_requests_join_the_batch_and_health_shows_it(server, log):
     assert " 1.0 per target call" not in log_line(log, first_id), "speculative alone"
     health = get(server, "/health")
     assert (health["busy"], health["batch"], health["queued"]) == (False, 0, 0)
+
+
+def test_a_tiny_temperature_is_greedy(server, target):
+    status, answer, _ = post(server, "/v1/chat/completions", {**CHAT, "temperature": 1e-300})
+    assert status == 200 and content(answer) == target(CHAT), answer
 
 
 def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(model_dirs, vocab_file, target, tmp_path):
@@ -789,3 +1027,387 @@ def test_sliding_window_and_hybrid_models_serve_the_targets_output(arch, tokeniz
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- a tool-call round trip through the openai client ------------------------------------------
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+ANSWER = "It is sunny in Paris."
+# Qwen2.5's chat template (its tools, tool calls and tool results), with a shorter default system prompt
+QWEN_TEMPLATE = r"""
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n" }}
+    {{- "You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within " }}
+    {{- "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": " }}
+    {{- "<args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or
+           (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+def scripted_model(out: Path) -> Path:
+    """A one-layer qwen2 model (mlx-lm's class, weights set by hand) whose greedy reply to a chat is
+    a Qwen-style call of get_weather, and, once a <tool_response> is in the prompt, ANSWER.
+
+    The reply's pieces are single added tokens, each embedded as its own basis vector; the head
+    maps each token to the next. The one choice that needs the context is after the prompt's last
+    token: one attention head there looks for <tool_response> (every other query rests on the
+    <|im_start|> tokens, whose values are zero) and adds a direction the head reads as ANSWER.
+    The keys and queries it uses sit in RoPE's slowest frequencies, so positions barely matter.
+    mlx-lm infers its json_tools parser from the template."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+    from transformers import AutoTokenizer
+
+    build_tokenizer(out / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", CALL, ANSWER])
+    tok.chat_template = QWEN_TEMPLATE
+    tok.save_pretrained(out / "tokenizer")
+    ids = tok.convert_tokens_to_ids
+    sink, marker, last = ids("<|im_start|>"), ids("<tool_response>"), tok.encode("\n")[-1]
+    start, call, end, answer = ids("<tool_call>"), ids(CALL), ids("</tool_call>"), ids(ANSWER)
+    dim = {t: i for i, t in enumerate([sink, marker, last, start, call, end, answer])}
+    config = {**model_config("qwen2", layers=1), "rope_theta": 1e6}
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    weights = {name: mx.zeros_like(w) for name, w in tree_flatten(model.parameters())}
+    norms = ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.norm"]
+    weights.update({f"{n}.weight": mx.ones((64,)) for n in norms})
+    embed, head = mx.zeros((VOCAB, 64)), mx.zeros((VOCAB, 64))
+    for token, d in dim.items():
+        embed[token, d] = 1.0  # normed to 8 at the attention and the head
+    for token, following in ((last, start), (start, call), (call, end), (end, int(EOS)), (answer, int(EOS))):
+        head[following, dim[token]] = 1.0
+    head[answer, 63] = 1.0
+    attention = "model.layers.0.self_attn."
+    q, k, v, o = (mx.zeros_like(weights[attention + p + ".weight"]) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    q_bias = mx.zeros_like(weights[attention + "q_proj.bias"])
+    q_bias[7], k[7, dim[sink]] = 80**0.5, 80**0.5 / 8  # every query: score 20 on <|im_start|>
+    q[6, dim[last]], k[6, dim[marker]] = 160**0.5 / 8, 160**0.5 / 8  # after the prompt: score 40 on <tool_response>
+    v[0, dim[marker]], o[63, 0] = 4 / 8, 1.0  # which adds 4 along dimension 63
+    weights.update({"model.embed_tokens.weight": embed, "lm_head.weight": head, attention + "q_proj.bias": q_bias})
+    weights.update(
+        {
+            attention + p + ".weight": w
+            for p, w in zip(("q_proj", "k_proj", "v_proj", "o_proj"), (q, k, v, o), strict=True)
+        }
+    )
+    model.load_weights(list(weights.items()))
+    return save_model(model, config, out / "tokenizer", out / "weather")
+
+
+@pytest.fixture(scope="module")
+def weather(tmp_path_factory) -> Path:
+    return scripted_model(tmp_path_factory.mktemp("scripted"))
+
+
+def test_openai_client_tool_call_round_trip(weather, tmp_path):
+    """The official openai client, streaming and not: the model's call is parsed into tool_calls
+    (finish_reason "tool_calls"), the result goes back in a tool message after the assistant's
+    message with content null, and the final answer comes as content. The drafter is the model
+    itself, so every draft is accepted: tool-call text is ordinary tokens to speculation."""
+    from openai import OpenAI
+
+    proc, url = start(["--model", str(weather), "--draft-model", str(weather)], tmp_path / "server.log")
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        (model,) = [m.id for m in client.models.list().data]
+        assert model == "weather" and client.models.retrieve(model).id == model
+        ask = {"model": model, "tools": [TOOL], "max_tokens": 16, "temperature": 0}
+        tokenizer = mlx_lm_load(str(weather))[1]
+        for streaming in (False, True):
+            messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+            if streaming:
+                chunks = list(client.chat.completions.create(messages=messages, stream=True, **ask))
+                deltas = [c.choices[0].delta for c in chunks if c.choices]
+                assert "".join(d.content or "" for d in deltas) == ""
+                (call,) = [t for d in deltas for t in d.tool_calls or []]
+                assert call.index == 0 and [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
+                said = {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude={"index"})]}
+            else:
+                first = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **ask)
+                (reply,) = first.choices
+                assert reply.finish_reason == "tool_calls" and reply.message.content is None
+                (call,) = reply.message.tool_calls
+                assert "".join(e.token for e in reply.logprobs.content) == f"<tool_call>{CALL}</tool_call>"
+                assert first.speculation["accepted_tokens"] > 0
+                said = reply.message
+            assert call.type == "function" and call.function.name == "get_weather"
+            assert json.loads(call.function.arguments) == {"city": "Paris"}
+            messages += [said, {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "celsius": 22}'}]
+            if streaming:
+                chunks = list(client.chat.completions.create(messages=messages, stream=True, **ask))
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            else:
+                final = client.chat.completions.create(messages=messages, **ask)
+                text, finish = final.choices[0].message.content, final.choices[0].finish_reason
+                assert final.choices[0].message.tool_calls is None
+                history = [
+                    messages[0],
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                            }
+                        ],
+                    },
+                    messages[2],
+                ]
+                template = tokenizer.apply_chat_template(history, tools=[TOOL], add_generation_prompt=True)
+                assert final.usage.prompt_tokens == len(template)  # the call and the result reached the template
+            assert (text, finish) == (ANSWER, "stop")
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        shown = client.chat.completions.create(
+            messages=messages, tool_choice="none", **ask
+        )  # no tools shown, none parsed
+        assert (
+            shown.choices[0].message.content == f"<tool_call>{CALL}</tool_call>"
+            and not shown.choices[0].message.tool_calls
+        )
+        cut = client.chat.completions.create(
+            messages=messages, **{**ask, "max_tokens": 1}
+        )  # a call cut short stays text
+        assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("<tool_call>", "length")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ---- hosts, idle and slow clients, connection limits -------------------------------------------
+
+
+def attacker_host(url: str) -> dict:
+    request = urllib.request.Request(url + "/health", headers={"Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    return error_of(json.loads(err.value.read()))
+
+
+@pytest.mark.parametrize("host", ["::1", "127.0.0.2"])
+def test_a_server_on_any_loopback_address_answers_requests_for_it(host, model_dirs, tmp_path):
+    proc, url = start(["--model", str(model_dirs["target"]), "--host", host], tmp_path / "server.log")
+    try:
+        assert url.startswith(f"http://[{host}]:" if ":" in host else f"http://{host}:")
+        assert get(url, "/health")["status"] == "ok"
+        status, answer, _ = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 2})
+        assert status == 200, answer
+        assert attacker_host(url)["code"] == "invalid_host"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True once the server closes `sock` (or answers and closes) within `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        sock.settimeout(max(deadline - time.time(), 0.01))
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+    return False
+
+
+def test_idle_and_slow_clients_time_out_and_connections_are_capped(model_dirs, tmp_path):
+    log = tmp_path / "server.log"
+    proc, url = start(["--model", str(model_dirs["target"]), "--read-timeout", "2", "--max-connections", "8"], log)
+    try:
+        tic = time.time()
+        idle = [connect(url) for _ in range(20)]
+        time.sleep(0.3)
+        status, answer, headers = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 2})
+        assert status == 503 and error_of(answer)["code"] == "server_busy" and headers["Retry-After"] == "1"
+        assert "--max-connections" in error_of(answer)["message"] and time.time() - tic < 1.5  # at once
+        assert all(closed_within(sock, 4) for sock in idle) and time.time() - tic < 5  # idle sockets were closed
+        status, answer, _ = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 2})
+        assert status == 200, answer
+        slow = connect(url)  # headers a byte at a time (slow loris)
+        tic, closed = time.time(), False
+        for byte in b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                slow.send(bytes([byte]))
+            except OSError:
+                closed = True
+            if closed or closed_within(slow, 0.25):
+                break
+        assert time.time() - tic < 4
+        late = connect(url)  # a body that never finishes
+        tic = time.time()
+        late.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"mess'
+        )
+        late.settimeout(10)
+        answer = b"".join(iter(lambda: late.recv(65536), b""))  # up to the server closing the connection
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer and 1.5 < time.time() - tic < 4
+        status, answer, _ = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 2})
+        assert status == 200, answer
+        for sock in [*idle, slow, late]:
+            sock.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Traceback" not in text and len(text.splitlines()) <= 4, text  # the start line and a notice or two
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="sets a running process's limit with prlimit (Linux)")
+def test_a_low_open_file_limit_is_one_note_not_a_flood(model_dirs, tmp_path):
+    """Out of file descriptors (128 of them, set once the server runs: mlx-lm raises the limit as it
+    loads) with 300 idle connections, the server writes one line, not a traceback a second, and
+    answers again once the idle connections time out. A --max-connections over the limit is lowered."""
+    log = tmp_path / "server.log"
+    args = ["--model", str(model_dirs["target"]), "--read-timeout", "2", "--max-connections", "100000"]
+    proc, url = start(args, log)
+    try:
+        assert "Note: --max-connections 100000 lowered to" in log.read_text()
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        idle = []
+        for _ in range(300):  # a full backlog refuses some: the accepted ones still use every descriptor
+            try:
+                idle.append(connect(url))
+            except OSError:
+                pass
+        assert len(idle) > 128
+        deadline, status = time.time() + 40, None
+        while status != 200 and time.time() < deadline:
+            try:
+                status, answer, _ = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 2}, timeout=10)
+            except OSError:  # refused or reset while the server has no descriptor to spare
+                time.sleep(0.5)
+        assert status == 200, answer
+        for sock in idle:
+            sock.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "out of file descriptors" in text
+    assert "Traceback" not in text and len(text.splitlines()) <= 5, text
+
+
+# ---- in one process: keep-alive comments, cancelling a prefill ---------------------------------
+
+
+def test_a_stream_waiting_for_its_first_token_gets_keep_alive_comments(model_dirs):
+    """While a streamed request waits (in the queue here; in a long prefill likewise) the server
+    sends SSE comments, so clients and proxies do not time out; the client leaving still cancels it."""
+    import uvicorn
+
+    from mlx_vocabtrim.serve import Limits, create_app
+
+    engine = Engine(load(str(model_dirs["target"]), "none"))
+    app = create_app(engine, ("target",), Limits(8, 64, 100, 1024, engine.vocab), keep_alive=0.2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()  # no worker runs: the request stays queued
+    try:
+        wait_for(lambda: server.started)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        conn = open_request(url, "/v1/chat/completions", {**CHAT, "stream": True})
+        response = conn.getresponse()
+        assert response.readline().startswith(b"data: ") and response.readline() == b"\n"  # the role chunk
+        assert [response.readline() for _ in range(4)] == [b": keep-alive\n", b"\n"] * 2
+        assert (engine.status()["busy"], engine.status()["queued"]) == (False, 1)
+        conn.close()
+        wait_for(lambda: engine.status()["queued"] == 0)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class CancelledAfter(threading.Event):
+    """A job's cancel flag that turns set the `n`-th time it is asked: a client gone at a known point."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.asked, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n or super().is_set()
+
+
+def test_a_request_cancelled_during_prefill_stops_between_passes(model_dirs, vocab_file):
+    """A request whose client leaves during its prefill stops at the next pass, generates nothing,
+    and the whole passes done are reused by the next request, which still equals a fresh run."""
+    setup = load(str(model_dirs["target"]), str(model_dirs["drafter"]), vocab=str(vocab_file), k=200)
+    prompt = [random.Random(1).randrange(3, 300) for _ in range(70)]  # 69 prefilled tokens: 4 whole passes of 16
+    engine, fresh = Engine(setup, prefill_step=16), Engine(setup, prefill_step=16)
+    result = engine.run(Job(prompt, 12, lambda kind, value: None, cancelled=CancelledAfter(3)))
+    assert (result["completion_tokens"], result["finish_reason"]) == (0, None)
+    assert 0 < len(engine.cached) < 64 and engine.cached == prompt[: len(engine.cached)]
+
+    def run(engine: Engine) -> tuple[str, dict]:
+        pieces = []
+        result = engine.run(Job(prompt, 12, lambda kind, value: pieces.append(value[0]), logit_bias={2: -100}))
+        return "".join(pieces), result
+
+    (text, result), (fresh_text, _) = run(engine), run(fresh)
+    assert result["cached_tokens"] > 0 and result["completion_tokens"] == 12 and text == fresh_text
