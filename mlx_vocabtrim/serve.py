@@ -654,8 +654,6 @@ class Engine:
 
         job, cache, done = entry[0], entry[1], entry[2]
         prompt = job.prompt
-        if done + self.step > len(prompt) - 1:
-            return True
         tokens = mx.array(prompt[done : done + self.step], mx.uint32)
         at = 0
         for model, count in zip(self.models, self.counts, strict=True):
@@ -667,23 +665,22 @@ class Engine:
         return entry[2] + self.step > len(prompt) - 1
 
     def advance(self) -> None:
-        """One step: a prefill pass of the first joining request, then one decoder step; finished or
-        cancelled requests are answered and leave."""
+        """One step: joining requests with no whole prefill pass left join the decoder, the first other one
+        gets a prefill pass; then one decoder step; finished or cancelled requests are answered and leave."""
         from .batch import Sequence
 
-        if self.prefilling:
-            entry = self.prefilling[0]
+        for entry in list(self.prefilling):  # every joining request with no whole pass left joins at once
             job, cache, done, reused, tic = entry
             if job.cancelled.is_set():
                 with self.cond:
-                    self.prefilling.pop(0)
+                    self.prefilling.remove(entry)
                 self.finished(None, job, None, tic, reused)
-            elif self.prefill_pass(entry):
+            elif done + self.step > len(job.prompt) - 1 or (entry is self.prefilling[0] and self.prefill_pass(entry)):
                 seq = Sequence(job.prompt, job.max_tokens, job.temp, job.top_p, job.seed, job.logit_bias)
                 split = self.counts[0]
                 self.decoder.add(seq, cache[:split], cache[split:] or None)
                 with self.cond:
-                    self.prefilling.pop(0)
+                    self.prefilling.remove(entry)
                     self.active[seq] = (job, Output(job, self), tic, reused)
         for event in self.decoder.step():
             if event.sequence in self.active:
