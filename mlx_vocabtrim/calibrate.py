@@ -19,9 +19,9 @@ import click
 import mlx.core as mx
 import numpy as np
 
+from .checks import chat_ids
 from .errors import VocabTrimError
 from .files import input_file, read_json, write_text_whole
-from .options import chat_ids
 from .vocab import MAX_COUNT
 
 SOURCES = ("target", "drafter", "dataset")

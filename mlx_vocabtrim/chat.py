@@ -2,20 +2,10 @@
 
 import click
 
+from .checks import chat_ids, check_context, check_utf8
 from .errors import VocabTrimError
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
-from .options import (
-    chat_ids,
-    check_context,
-    check_utf8,
-    count_option,
-    draft_options,
-    pair_options,
-    seed_option,
-    temp_option,
-    text_option,
-    top_p_option,
-)
+from .options import count_option, draft_options, pair_options, seed_option, temp_option, text_option, top_p_option
 
 RAW_TEXT = "send raw text with `mlx-vocabtrim generate --ignore-chat-template`"
 LONG_CONVERSATION = "type `r` to reset the conversation, or restart chat with a smaller --max-tokens"

@@ -12,13 +12,11 @@ import click
 
 from . import __version__
 from .chat import chat
+from .checks import chat_ids, check_context, check_utf8
 from .errors import VocabTrimError
 from .files import check_output, command_line, input_file, output_lock
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import (
-    chat_ids,
-    check_context,
-    check_utf8,
     count_option,
     draft_options,
     draft_threshold_option,
@@ -111,6 +109,9 @@ class OneLineErrors:
             except click.UsageError as e:
                 click.echo(f"Error: {e.format_message()} (see --help)", err=True)
                 sys.exit(e.exit_code)
+            except VocabTrimError as e:
+                click.echo(f"Error: {e.message}", err=True)
+                sys.exit(1)
             except click.ClickException as e:
                 e.show()
                 sys.exit(e.exit_code)

@@ -1,6 +1,4 @@
-"""The one exception type for bad input; click prints it as a single line and exits 1."""
-
-import click
+"""The one exception type for bad input; the command line prints it as a single line and exits 1."""
 
 
 def first_line(error: BaseException) -> str:
@@ -9,9 +7,9 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-class VocabTrimError(click.ClickException):
+class VocabTrimError(Exception):
     """A user-facing error: its text names the problem and the fix."""
 
     def __init__(self, message: str):
         super().__init__(message)
-        self.args = (message,)
+        self.message = message

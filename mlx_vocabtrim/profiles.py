@@ -55,7 +55,7 @@ SETTING_FIELDS = tuple(f.name for f in fields(Setting))
 
 def setting_from(data: dict, where: str) -> Setting:
     """A Setting from a profile's "settings", checked field by field (types and ranges)."""
-    from .options import check_count, check_draft_threshold, check_lookup, check_num_draft_tokens
+    from .checks import check_count, check_draft_threshold, check_lookup, check_num_draft_tokens
 
     def integer(value: object) -> bool:
         return type(value) is int

@@ -39,9 +39,10 @@ from typing import Annotated, Any, ClassVar, Literal
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from .checks import MAX_SEED
 from .errors import VocabTrimError, first_line
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
-from .options import MAX_SEED, count_option, draft_options, pair_options
+from .options import count_option, draft_options, pair_options
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20  # a body up to this is read to its end before a 413, so the client sees the answer
@@ -1506,7 +1507,7 @@ def serve(
     while one runs alone."""
     import uvicorn
 
-    from .resolve import load_for
+    from .resolve import context_length, load_for
 
     if max_tokens > max_tokens_limit:
         raise VocabTrimError(
@@ -1526,8 +1527,7 @@ def serve(
                 f"cannot set up the models ({type(e).__name__}: {reason}): check --model, "
                 "--draft-model and --vocab (--verbose prints the traceback)"
             ) from None
-        context = getattr(getattr(setup.target, "args", None), "max_position_embeddings", None)
-        context = context if isinstance(context, int) and context > 1 else None
+        context = context_length(setup.target)
         if max_prompt_tokens is None:
             max_prompt_tokens = min(DEFAULT_PROMPT_LIMIT, context - 1) if context else DEFAULT_PROMPT_LIMIT
         elif context is not None and max_prompt_tokens >= context:

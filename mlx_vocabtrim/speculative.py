@@ -19,11 +19,11 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .checks import check_draft_threshold, check_lookup, check_num_draft_tokens, check_temp, check_top_p
 from .engine import STEP_COST, TOKEN_COST, Policy, Rounds, first_rejected
 from .errors import VocabTrimError
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
-from .options import check_draft_threshold, check_lookup, check_num_draft_tokens, check_temp, check_top_p
 from .rollback import check_rollback, offset, rewind, save
 from .trim import head_rows
 
