@@ -495,3 +495,34 @@ def _flat(model):
     from mlx.utils import tree_flatten
 
     return tree_flatten(model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "gemma3_text"])
+def test_tune_on_hybrid_and_sliding_targets_predicts_the_rounds_it_chose(arch):
+    """`tune` on a recurrent target (kept tokens fed again, priced) and a sliding-window one: it times
+    the steps with exact rollback, and its choice, run for real, makes the rounds it predicted."""
+    from archs import make_arch, noisy
+
+    from mlx_vocabtrim.tune import tune
+
+    target = make_arch(arch, seed=3, window=8)
+    drafter = noisy(target, arch, 0.05, seed=4)
+    prompts = [[5, 17, 33, 90, 200, 11, 5, 17, 33, 7], [7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8, 9]]
+    keep = list(range(0, VOCAB, 2))
+    result = tune(target, drafter, prompts, 24, set(), {len(keep): keep})
+    assert result["restores"][0] == (arch == "qwen3_5")
+    choice = Setting.of(result["choice"])
+    model = drafter if choice.k is None else trimmed_copy(drafter, keep)
+    tokens = calls = 0
+    for prompt in prompts:
+        stats = SpecStats()
+        tokens += len(
+            list(
+                speculative_generate_step(
+                    prompt, target, model, max_tokens=24, stats=stats, **choice.generation_kwargs()
+                )
+            )
+        )
+        calls += stats.target_calls
+    expected = result["choice"]["expected_tau"]
+    assert tokens / calls == pytest.approx(expected, rel=0 if not choice.draft_threshold else 0.25)
