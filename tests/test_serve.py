@@ -538,10 +538,12 @@ def test_stop_helpers():
     assert held_back("aa", ["aab"]) == 2
 
 
-def test_sampling_with_a_seed_repeats(server):
+def test_sampling_with_a_seed_repeats(server, target):
+    """A seed repeats its reply; another seed, or greedy decoding, gives another (temperature and seed are used)."""
     body = {**CHAT, "temperature": 0.9, "top_p": 0.95, "seed": 7}
     first, second = (content(post(server, "/v1/chat/completions", body)[1]) for _ in range(2))
-    assert first == second
+    other = content(post(server, "/v1/chat/completions", {**body, "seed": 8})[1])
+    assert first == second and first != other and first != target(CHAT)
 
 
 def test_an_unseeded_request_after_a_seeded_one_is_not_predictable(server):
