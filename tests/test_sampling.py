@@ -407,3 +407,53 @@ def test_first_two_tokens_after_a_rollback(arch):
         rejected += not drafted
     assert_rows_match(counts[None], joint)
     assert rejected > DRAWS_TWO // 5, "the first draft is often rejected, so the second token follows a rollback"
+
+
+# ---------------------------------------------------------------- each event type, at full power
+
+EVENT_DRAWS = 20_000
+
+
+def event_counts(p_logprobs: mx.array, drafted: mx.array, q: mx.array, draws: int) -> np.ndarray:
+    """Counts of (first rejected position or gamma = all accepted, emitted token there) over `draws` rounds."""
+    gamma, vocab = drafted.size, p_logprobs.shape[-1]
+    counts = np.zeros((gamma + 1, vocab))
+    for _ in range(draws):
+        accept, residual, bonus = verify_sampled(p_logprobs, drafted, q)
+        flags = accept.tolist()
+        n = next((i for i, ok in enumerate(flags) if not ok), gamma)
+        counts[n, (residual[n] if n < gamma else bonus).item()] += 1
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["rejected copy", "bonus after two drafts"])
+def test_each_event_of_a_round_draws_the_exact_law(kind):
+    """The joint law of (where a round stops, the token it emits there) against the exact one, cell by
+    cell: a bias in a single kind of event (the residual after a rejected copy, the bonus token), diluted
+    in the generator-level tests, is seen here at full strength."""
+    mx.random.seed(5)
+    p = np.array([[0.1, 0.4, 0.2, 0.25, 0.05], [0.3, 0.1, 0.1, 0.4, 0.1], [0.05, 0.05, 0.6, 0.1, 0.2]])
+    if kind == "rejected copy":  # one copied token: q one-hot on it; accepted with p(copy) = 0.4
+        drafted, q = np.array([1]), np.eye(5)[[1]]
+        p = p[:2]
+    else:  # two drafts from a q unlike p, then the bonus from the third row
+        drafted, q = np.array([3, 0]), np.array([[0.1, 0.1, 0.1, 0.6, 0.1], [0.5, 0.2, 0.1, 0.1, 0.1]])
+    gamma = len(drafted)
+    exact = np.zeros((gamma + 1, 5))
+    reach = 1.0
+    for j in range(gamma):
+        x = drafted[j]
+        accept = min(1.0, p[j, x] / q[j, x])
+        residual = np.maximum(p[j] - q[j], 0)
+        exact[j] = reach * (1 - accept) * residual / residual.sum() if residual.sum() else 0
+        reach *= accept
+    exact[gamma] = reach * p[gamma]
+    counts = event_counts(
+        mx.log(mx.array(p, mx.float32)), mx.array(drafted, mx.uint32), mx.array(q, mx.float32), EVENT_DRAWS
+    )
+    assert abs(exact.sum() - 1) < 1e-9
+    assert int(counts[exact == 0].sum()) == 0, "draws of events the law never produces"
+    expected = exact * EVENT_DRAWS
+    cells = expected > 0
+    stat = float((((counts - expected) ** 2)[cells] / expected[cells]).sum())
+    assert stat < chi2_threshold(int(cells.sum()) - 1), (stat, counts, expected)
