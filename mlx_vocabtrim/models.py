@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm import load as mlx_lm_load
 
 from .errors import VocabTrimError, first_line
-from .files import read_json
+from .files import cache_dir, read_json
 from .trim import head_rows, is_trimmed_dir, load_draft
 
 # Offline defaults: GGUF files shipped split into PyPI packages (the `demo` extra).
@@ -23,11 +23,6 @@ PACKAGED = {
 }
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $MLX_VOCABTRIM_CACHE or ~/.cache/mlx_vocabtrim."""
-    return Path(os.environ.get("MLX_VOCABTRIM_CACHE", Path.home() / ".cache" / "mlx_vocabtrim")).expanduser()
 
 
 def _progress(label: str, total: int):
