@@ -13,6 +13,7 @@ _EXPORTS = {
     "SpeculativeResponse": "speculative",
     "TrimmedDraft": "mlx_lm_draft",
     "VocabTrimError": "errors",
+    "batch_generate": "batch",
     "check_pair": "models",
     "generate": "speculative",
     "head_rows": "trim",
