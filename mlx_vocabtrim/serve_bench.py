@@ -144,15 +144,14 @@ def spread(questions: list[dict]) -> list[dict]:
 
 def target_texts(model: str, prompts: list[str], max_tokens: int) -> list[str]:
     """Each prompt decoded greedily by the target alone."""
+    from .calibrate import chat_prompt
     from .resolve import load
     from .speculative import generate
 
     setup = load(model, "none")
-    ids = [
-        setup.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-        for p in prompts
+    return [
+        generate(setup.target, setup.tokenizer, chat_prompt(setup.tokenizer, p), max_tokens=max_tokens) for p in prompts
     ]
-    return [generate(setup.target, setup.tokenizer, i, None, max_tokens=max_tokens) for i in ids]
 
 
 def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | None) -> dict:
