@@ -25,7 +25,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .rollback import check_rollback
-from .speculative import SpecStats, sampling_logprobs, speculative_generate_step
+from .speculative import SpecStats, bias_vector, sampling_logprobs, speculative_generate_step
+from .trim import head_rows
 
 
 @dataclass(eq=False)
@@ -79,11 +80,10 @@ def _sampler(seq: Sequence) -> Any:
 
 
 def _bias(seq: Sequence, vocab: int) -> list:
+    """The batch's logits processor adding the sequence's logit bias (the speculative path's own vector)."""
     if not seq.logit_bias:
         return []
-    bias = mx.zeros((vocab,), mx.float32)
-    ids = mx.array([int(i) for i in seq.logit_bias], mx.int32)
-    bias = mx.put_along_axis(bias, ids, mx.array(list(seq.logit_bias.values()), mx.float32), axis=-1)
+    bias = bias_vector(seq.logit_bias, vocab)
     return [lambda tokens, logits: logits + bias]
 
 
@@ -120,6 +120,7 @@ class Decoder:
         )
         self.sequences: list[Sequence] = []
         self.by_uid: dict[int, Sequence] = {}
+        self.vocab = head_rows(target)  # ids the target scores: the bias vector's length
         self.trimmable = all(type(c) is KVCache for c in make_prompt_cache(target))
         self.speculative_steps = self.batched_steps = self.moves = 0
         if self.speculate:
@@ -226,20 +227,14 @@ class Decoder:
         elif seq.target_cache is not None:  # a prefix of the prompt, reused from an earlier request
             cache, history = seq.target_cache, history[seq.target_cache[0].offset :]
         seq.target_cache = None
-        vocab = self.target_vocab()
         (seq.uid,) = self.batch.insert(
             [history],
             max_tokens=[self._remaining(seq)],
             caches=[cache],
             samplers=[_sampler(seq)],
-            logits_processors=[_bias(seq, vocab)],
+            logits_processors=[_bias(seq, self.vocab)],
         )
         self.by_uid[seq.uid] = seq
-
-    def target_vocab(self) -> int:
-        from .trim import head_rows
-
-        return head_rows(self.target)
 
     def _speculative(self, seq: Sequence) -> list[Event]:
         try:

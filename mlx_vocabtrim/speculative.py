@@ -127,7 +127,7 @@ def verify_sampled(p_logprobs: mx.array, drafted: mx.array, q: mx.array | None) 
     return accept, mx.random.categorical(mx.log(residual)), bonus
 
 
-def _bias_vector(logit_bias: dict[int, float], vocab: int) -> mx.array:
+def bias_vector(logit_bias: dict[int, float], vocab: int) -> mx.array:
     bad = next((i for i in logit_bias if not 0 <= int(i) < vocab), None)
     if bad is not None:
         raise VocabTrimError(f"logit_bias names token id {bad}, outside the vocabulary [0, {vocab})")
@@ -209,7 +209,7 @@ def speculative_generate_step(
         head.add(history)
     if lookup is not None:
         lookup.extend(history)
-    bias = _bias_vector(logit_bias, head_rows(model)) if logit_bias else None
+    bias = bias_vector(logit_bias, head_rows(model)) if logit_bias else None
 
     def draft(feed: list[int], count: int) -> tuple[list[mx.array], list[mx.array], list[float]]:
         """Up to `count` drafted target ids after `feed` (tokens the drafter has not seen),
