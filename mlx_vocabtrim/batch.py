@@ -24,8 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from .heads import DraftHead
 from .rollback import check_rollback
-from .speculative import SpecStats, bias_vector, sampling_logprobs, speculative_generate_step
+from .spec_batch import Lane, SpecBatch, batchable
+from .speculative import SpecStats, _prefill, bias_vector, sampling_logprobs, speculative_generate_step
 from .trim import head_rows
 
 
@@ -47,6 +49,7 @@ class Sequence:
     target_cache: list | None = None  # while alone: the target's cache (the drafter's follows)
     draft_cache: list | None = None
     uid: int | None = None  # while in the batch
+    lane: Lane | None = None  # while in the speculative batch
     key: mx.array | None = None
     stats: SpecStats = field(default_factory=SpecStats)  # of the speculative stretches
 
@@ -87,12 +90,17 @@ def _bias(seq: Sequence, vocab: int) -> list:
     return [lambda tokens, logits: logits + bias]
 
 
+Schedule = dict[int, tuple[int, float]]  # batch size -> (draft length, draft threshold) of a speculative batch
+
+
 class Decoder:
     """Decode many sequences together, one `step` at a time (see the module's docstring).
 
-    `setting` holds `speculative_generate_step`'s keyword arguments for the pair. Counters:
-    `speculative_steps` and `batched_steps` (steps taken each way), `moves` (sequences moved
-    between the two)."""
+    `setting` holds `speculative_generate_step`'s keyword arguments for a sequence alone;
+    `schedule` the draft length and threshold of a speculative batch per batch size (a size it does
+    not name decodes in mlx-lm's plain batch). Counters: `speculative_steps` (tokens of sequences
+    alone), `spec_rounds` (rounds of the speculative batch), `batched_steps` (steps of the plain
+    batch), `moves` (sequences moved from one way to another)."""
 
     def __init__(
         self,
@@ -103,6 +111,7 @@ class Decoder:
         *,
         max_batch: int = 8,
         prefill_step: int = 512,
+        schedule: Schedule | None = None,
     ):
         from mlx_lm.generate import BatchGenerator
 
@@ -122,7 +131,11 @@ class Decoder:
         self.by_uid: dict[int, Sequence] = {}
         self.vocab = head_rows(target)  # ids the target scores: the bias vector's length
         self.trimmable = all(type(c) is KVCache for c in make_prompt_cache(target))
-        self.speculative_steps = self.batched_steps = self.moves = 0
+        self.schedule = {n: s for n, s in (schedule or {}).items() if s and s[0] > 0}
+        if drafter is None or not batchable(make_prompt_cache(target)) or not batchable(make_prompt_cache(drafter)):
+            self.schedule = {}  # only plain KV caches give back entries per sequence
+        self.lanes = SpecBatch(target, drafter) if self.schedule else None
+        self.speculative_steps = self.spec_rounds = self.batched_steps = self.moves = 0
         if self.speculate:
             check_rollback(make_prompt_cache(target), "target")
             if drafter is not None:
@@ -130,7 +143,7 @@ class Decoder:
 
     def add(self, seq: Sequence, target_cache: list | None = None, draft_cache: list | None = None) -> None:
         """Start decoding `seq`; caches may hold a prefix of its prompt (all of the prompt but its
-        last token at most), which only the speculative path reuses."""
+        last token at most), which only the speculative paths reuse."""
         if seq.temp > 0 and seq.key is None:
             seq.key = mx.random.key(seq.seed if seq.seed is not None else secrets.randbits(63))
         seq.target_cache, seq.draft_cache = target_cache, draft_cache
@@ -145,6 +158,9 @@ class Decoder:
             self.batch.remove([seq.uid])
             del self.by_uid[seq.uid]
             seq.uid = None
+        if seq.lane is not None:
+            self.lanes.leave(seq.lane, keep=False)
+            seq.lane = None
         if seq in self.sequences:
             self.sequences.remove(seq)
 
@@ -157,12 +173,24 @@ class Decoder:
     def size(self) -> int:
         return len(self.sequences)
 
+    @property
+    def mode(self) -> str:
+        """How the last step decoded: 'alone', 'speculative batch', 'batch' (or 'idle')."""
+        if any(s.stream is not None for s in self.sequences):
+            return "alone"
+        if any(s.lane is not None for s in self.sequences):
+            return "speculative batch"
+        return "batch" if self.sequences else "idle"
+
     def _speculates(self, seq: Sequence) -> bool:
         return self.speculate and not (seq.temp > 0 and seq.seed is not None)
 
     def step(self) -> list[Event]:
-        """One step: a speculative sequence yields its next token; else the batch takes one pass (every
-        sequence in it yields a token, or a prompt chunk is prefilled)."""
+        """One step: a speculative sequence alone yields its next token. Several: where the schedule names
+        their number, those that may speculate take one round of the speculative batch (each yields its
+        accepted tokens and one of the target's); the others (seeded sampled ones, or all where the
+        schedule names no speculation) take one pass of the plain batch (each yields a token, or a prompt
+        chunk is prefilled)."""
         if not self.sequences:
             return []
         alone = self.sequences[0] if len(self.sequences) == 1 else None
@@ -170,27 +198,52 @@ class Decoder:
             if alone.stream is None and not self._leave_batch(alone):
                 return self._batched()
             return self._speculative(alone)
+        planned = self.schedule.get(len(self.sequences))
+        lanes = [s for s in self.sequences if planned and self._speculates(s) and self._movable(s)]
         for seq in self.sequences:
-            if seq.uid is None:
-                self._join_batch(seq)
-        return self._batched()
+            if seq in lanes and seq.lane is None:
+                self._join_lanes(seq)
+            elif seq not in lanes:
+                if seq.lane is not None:
+                    self._leave_lanes(seq)
+                if seq.uid is None:
+                    self._join_batch(seq)
+        plain = len(lanes) < len(self.sequences)
+        events = self._round(*planned) if lanes else []
+        return events + (self._batched() if plain else [])
 
     def _remaining(self, seq: Sequence) -> int:
         return seq.max_tokens - len(seq.tokens)
 
-    def _leave_batch(self, seq: Sequence) -> bool:
-        """Start `seq`'s speculative stream (taking its cache out of the batch if it is there); False when
-        its cache cannot give back the token the batch already fed."""
-        if seq.uid is not None:
-            if not self.trimmable:
-                return False
+    def _movable(self, seq: Sequence) -> bool:
+        """Whether `seq` can leave where it decodes now (the plain batch keeps caches that cannot give
+        back the token it fed)."""
+        return seq.uid is None or self.trimmable
+
+    def _park(self, seq: Sequence) -> None:
+        """Bring `seq`'s target cache out of wherever it decodes: afterwards it holds all of the
+        sequence's tokens but the last (or a prefix of the prompt, or is None)."""
+        if seq.stream is not None:  # the stream, closed, leaves the target holding all but the last token
+            seq.stream.close()
+            seq.stream = None
+            self.moves += 1
+        elif seq.uid is not None:
             cache, _ = self.batch.extract_cache([seq.uid])[seq.uid]
-            for layer in cache:  # the batch fed the last emitted token already; the stream feeds it itself
+            for layer in cache:  # the batch fed the last emitted token already
                 layer.trim(1)
             self.batch.remove([seq.uid])
             del self.by_uid[seq.uid]
             seq.uid, seq.target_cache = None, cache
             self.moves += 1
+        elif seq.lane is not None:
+            self._leave_lanes(seq)
+
+    def _leave_batch(self, seq: Sequence) -> bool:
+        """Start `seq`'s speculative stream (taking its cache out of either batch); False when its
+        cache cannot give back the token the plain batch already fed."""
+        if not self._movable(seq):
+            return False
+        self._park(seq)
         history = seq.history
         if seq.target_cache is None:
             seq.target_cache = make_prompt_cache(self.target)
@@ -216,16 +269,12 @@ class Decoder:
         return True
 
     def _join_batch(self, seq: Sequence) -> None:
-        """Move `seq` into the batch: after a speculative stream, with its cache (the stream, closed,
-        leaves the target holding all but the last emitted token)."""
-        history, cache = seq.history, None
-        if seq.stream is not None:
-            seq.stream.close()
-            seq.stream = None
-            cache, history = seq.target_cache, history[-1:]
-            self.moves += 1
-        elif seq.target_cache is not None:  # a prefix of the prompt, reused from an earlier request
-            cache, history = seq.target_cache, history[seq.target_cache[0].offset :]
+        """Move `seq` into the plain batch, with the target cache it holds (none, a prefix of its prompt,
+        or all its tokens but the last after decoding elsewhere)."""
+        self._park(seq)
+        history, cache = seq.history, seq.target_cache
+        if cache is not None:
+            history = history[cache[0].offset :]
         seq.target_cache = None
         (seq.uid,) = self.batch.insert(
             [history],
@@ -236,6 +285,36 @@ class Decoder:
         )
         self.by_uid[seq.uid] = seq
 
+    def _caught_up(self, model: nn.Module, cache: list | None, history: list[int]) -> list:
+        """`cache` (made when None) fed all of `history` but its last token."""
+        cache = make_prompt_cache(model) if cache is None else cache
+        held = cache[0].offset if cache else 0
+        if held < len(history) - 1:
+            _prefill(model, cache, mx.array(history[held:-1], mx.uint32), self.prefill_step)
+        return cache
+
+    def _join_lanes(self, seq: Sequence) -> None:
+        """Move `seq` into the speculative batch, both models' caches holding all its tokens but the last."""
+        self._park(seq)
+        history = seq.history
+        target = self._caught_up(self.target, seq.target_cache, history)
+        draft = self._caught_up(self.drafter, seq.draft_cache, history)
+        head = DraftHead(self.drafter, self.setting.get("context_head", True), self.vocab)
+        head.add(history)
+        bias = bias_vector(seq.logit_bias, self.vocab) if seq.logit_bias else None
+        if seq.temp > 0:  # unseeded (seeded ones never speculate): draws nobody can predict from other requests
+            mx.random.seed(secrets.randbits(64))
+        seq.lane = Lane(history[-1], history[-1:], head, seq.temp, seq.top_p, bias, seq.stats)
+        seq.target_cache = seq.draft_cache = None
+        self.lanes.join(seq.lane, target, draft)
+
+    def _leave_lanes(self, seq: Sequence) -> None:
+        """Take `seq` out of the speculative batch: its caches back, the target's holding all its tokens
+        but the last, the drafter's all but those it has yet to process."""
+        seq.target_cache, seq.draft_cache = self.lanes.leave(seq.lane)
+        seq.lane = None
+        self.moves += 1
+
     def _speculative(self, seq: Sequence) -> list[Event]:
         try:
             token, logprobs, from_draft = next(seq.stream)
@@ -245,6 +324,22 @@ class Decoder:
         self.speculative_steps += 1
         seq.speculative_tokens += 1
         return [self._emit(seq, int(token), logprobs, from_draft)]
+
+    def _round(self, num_draft_tokens: int, draft_threshold: float) -> list[Event]:
+        lanes = list(self.lanes.lanes)
+        by_lane = {s.lane: s for s in self.sequences}
+        lengths = [min(num_draft_tokens, self._remaining(by_lane[lane]) - 1) for lane in lanes]
+        emitted = self.lanes.round(lengths, draft_threshold)
+        self.spec_rounds += 1
+        events = []
+        for lane, out in zip(lanes, emitted, strict=True):
+            seq = by_lane[lane]
+            for j, token in enumerate(out.tokens):
+                seq.speculative_tokens += 1
+                events.append(self._emit(seq, token, out.logprobs[j], j < out.accepted))
+                if seq.finish is not None:
+                    break
+        return events
 
     def _batched(self) -> list[Event]:
         events = []

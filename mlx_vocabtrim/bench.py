@@ -401,11 +401,10 @@ def check_lossless(runs: list[Run]) -> str | None:
     return None
 
 
-def resume_log(out: Path, config: dict) -> tuple[list[dict], Callable[[dict], None]]:
-    """Entries an interrupted bench with the same `config` left in OUT/bench.partial.jsonl (another
-    config is an error), and a function appending one entry durably (a line torn by a kill is
-    dropped on resume)."""
-    path = out / "bench.partial.jsonl"
+def resume_log(out: Path, config: dict, name: str = "bench.partial.jsonl") -> tuple[list[dict], Callable[[dict], None]]:
+    """Entries an interrupted bench with the same `config` left in OUT/`name` (another config is an
+    error), and a function appending one entry durably (a line torn by a kill is dropped on resume)."""
+    path = out / name
     entries: list[dict] = []
     if path.exists():
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -677,7 +676,11 @@ def _save_profile(result: dict, model: str, draft_model: str, target, paths, voc
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
     }
-    return save_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]), setting, measured, out)
+    batch = result.get("batch")
+    if batch:
+        measured["batch"] = {k: batch[k] for k in ("taus", "verify", "draft", "sizes")}
+    schedule = batch["schedule"] if batch else None
+    return save_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]), setting, measured, out, schedule)
 
 
 def tune_pair(

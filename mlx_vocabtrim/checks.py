@@ -83,3 +83,27 @@ def check_draft_threshold(threshold: float) -> float:
 def check_lookup(ngram: int, tokens: int) -> None:
     check_count(ngram, "--lookup-ngram", 0, MAX_LOOKUP_NGRAM)
     check_count(tokens, "--lookup-tokens", 1, MAX_DRAFT_TOKENS)
+
+
+def parse_batch_schedule(text: str) -> dict[int, tuple[int, float]] | None:
+    """--batch-speculation: 'auto' (None: the pair's profile), 'off' ({}), or batch sizes and draft
+    lengths such as '2-4:2,5:1' (each size from 2, drafts of fixed length)."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    if value == "off":
+        return {}
+    schedule: dict[int, tuple[int, float]] = {}
+    try:
+        for part in value.split(","):
+            sizes, drafts = part.split(":")
+            low, _, high = sizes.partition("-")
+            first, last = int(low), int(high or low)
+            if not 2 <= first <= last or int(drafts) < 1:
+                raise ValueError(part)
+            schedule.update({size: (int(drafts), 0.0) for size in range(first, last + 1)})
+    except ValueError:
+        raise VocabTrimError(
+            f"--batch-speculation {text!r} is not auto, off or SIZES:DRAFTS entries: e.g. --batch-speculation 2-4:2,5:1"
+        ) from None
+    return schedule

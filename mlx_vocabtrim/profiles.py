@@ -173,8 +173,48 @@ def find_profile(target_key: str, drafter_key: str, carried: dict | None = None)
     return None, ""
 
 
-def save_profile(target_key: str, drafter_key: str, setting: Setting, measured: dict, out: Path | None = None) -> Path:
-    """Write the pair's profile (to this machine's store unless `out`), replacing an earlier one."""
+def schedule_from(data: object, where: str) -> dict[int, tuple[int, float]]:
+    """A profile's "batch_schedule" ({"2": [draft length, threshold] or null, ...}) as the batched
+    decoder takes it: the sizes that speculate."""
+    from .checks import check_draft_threshold, check_num_draft_tokens
+
+    if data is None:
+        return {}
+    try:
+        if not isinstance(data, dict):
+            raise ValueError("it is not an object")
+        out = {}
+        for size, entry in data.items():
+            if not str(size).isdigit() or int(size) < 2:
+                raise ValueError(f"batch size {size!r}")
+            if entry is None:
+                continue
+            if not isinstance(entry, list) or len(entry) != 2 or type(entry[0]) is not int:
+                raise ValueError(f"the entry of {size} is {entry!r}")
+            check_num_draft_tokens(entry[0])
+            check_draft_threshold(float(entry[1]))
+            out[int(size)] = (entry[0], float(entry[1]))
+    except (TypeError, ValueError, VocabTrimError) as e:
+        raise VocabTrimError(f"{where} holds a bad batch_schedule ({e}): run `mlx-vocabtrim tune` again") from None
+    return out
+
+
+def find_schedule(target_key: str, drafter_key: str) -> dict[int, tuple[int, float]]:
+    """The batch sizes at which the pair's profile speculates inside a batch, and how ({} if none)."""
+    doc, path, _ = _find(target_key, drafter_key)
+    return schedule_from(doc.get("batch_schedule"), path) if doc else {}
+
+
+def save_profile(
+    target_key: str,
+    drafter_key: str,
+    setting: Setting,
+    measured: dict,
+    out: Path | None = None,
+    schedule: dict | None = None,
+) -> Path:
+    """Write the pair's profile (to this machine's store unless `out`), replacing an earlier one;
+    `schedule` (batch size -> [draft length, threshold] or None) when tuning measured batches."""
     path = out or _store(target_key, drafter_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -184,5 +224,7 @@ def save_profile(target_key: str, drafter_key: str, setting: Setting, measured: 
         "settings": asdict(setting),
         "measured": measured,
     }
+    if schedule is not None:
+        doc["batch_schedule"] = {str(size): entry for size, entry in schedule.items()}
     write_text_whole(path, json.dumps(doc, indent=1, default=str) + "\n")
     return path

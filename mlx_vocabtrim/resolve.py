@@ -19,7 +19,7 @@ from . import blas
 from .errors import VocabTrimError
 from .files import read_json
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET, check_pair, load_model, resolve_model
-from .profiles import DEFAULT, SETTING_FIELDS, Setting, find_profile, model_key
+from .profiles import DEFAULT, SETTING_FIELDS, Setting, find_profile, find_schedule, model_key
 from .trim import head_bytes, head_rows, is_trimmed_dir, trim_drafter
 from .vocab import find_vocab, keep_ids, read_ranked_ids
 
@@ -36,6 +36,7 @@ class Setup:
     names: tuple[str, str | None] = ("", None)
     vocab: str | None = None
     notes: list[str] = field(default_factory=list)  # one-line notices for the user
+    schedule: dict[int, tuple[int, float]] = field(default_factory=dict)  # batch size -> speculative batch
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments for `stream_generate` / `speculative_generate_step`."""
@@ -64,7 +65,27 @@ class Setup:
             if name in self.sources
         ]
         lines.append("Settings: " + ", ".join(parts))
+        if self.drafter is not None:
+            lines.append(f"Batch speculation: {describe_schedule(self.schedule)}")
         return lines
+
+
+def describe_schedule(schedule: dict[int, tuple[int, float]]) -> str:
+    """e.g. 'batches of 2-4: 1 draft, 5: 2 drafts; other sizes: the plain batch'."""
+    if not schedule:
+        return "off (several requests decode in the plain batch)"
+    runs: list[list] = []
+    for size in sorted(schedule):
+        if runs and runs[-1][1] == size - 1 and runs[-1][2] == schedule[size]:
+            runs[-1][1] = size
+        else:
+            runs.append([size, size, schedule[size]])
+    parts = []
+    for first, last, (drafts, threshold) in runs:
+        sizes = f"{first}-{last}" if last > first else f"{first}"
+        stop = f" stop<{threshold:g}" if threshold else ""
+        parts.append(f"{sizes}: {drafts} draft{'s' if drafts > 1 else ''}{stop}")
+    return "batches of " + ", ".join(parts) + "; other sizes: the plain batch"
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -202,7 +223,8 @@ def load(
                 "--no-context-head): drafting with its kept rows only"
             )
             setting, sources["context_head"] = replace(setting, context_head=False), "unavailable in the drafter"
-    return Setup(target, tokenizer, drafter, setting, sources, (model, draft_model), vocab_path, notes)
+    schedule = find_schedule(model_key(model, target_path), model_key(draft_model, drafter_path)) if profile else {}
+    return Setup(target, tokenizer, drafter, setting, sources, (model, draft_model), vocab_path, notes, schedule)
 
 
 DRAFT_OPTIONS = (

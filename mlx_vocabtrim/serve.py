@@ -490,6 +490,33 @@ class Output:
         return finish is not None
 
 
+def kv_bytes_per_token(models: list) -> int:
+    """KV cache bytes one more token adds, over every layer of `models` that keeps keys and values
+    (read off a one-token pass; windows and recurrent states, which stop growing, counted as if they grew)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    total = 0
+    for model in models:
+        cache = make_prompt_cache(model)
+        model(mx.array([[0]], mx.uint32), cache=cache)
+        for layer in cache:
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
+                heads, dims = keys.shape[1], keys.shape[3] + values.shape[3]
+                total += heads * dims * keys.dtype.size
+    return total
+
+
+def default_kv_limit(models: list) -> int:
+    """Three quarters of this machine's memory, less the weights: what the KV caches may hold by default."""
+    from mlx.utils import tree_flatten
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    weights = sum(v.nbytes for m in models for _, v in tree_flatten(m.parameters()))
+    return max(int(0.75 * memory) - weights, 0)
+
+
 class Engine:
     """The models, their KV caches and the queue in front of them; `work` decodes up to `max_batch`
     requests together (`batch.Decoder`: speculative while a request is alone, batched while others
@@ -505,6 +532,7 @@ class Engine:
         max_batch: int = 8,
         prefill_step: int = 512,
         verbose: bool = False,
+        max_kv_bytes: int | None = None,
     ):
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -519,6 +547,8 @@ class Engine:
         self.vocab = min(head_rows(setup.target), real_size(setup.tokenizer))  # ids the tokenizer can produce
         self.token_bytes = TokenBytes(setup.tokenizer)
         self.eos = set(setup.tokenizer.eos_token_ids)
+        self.kv_per_token = kv_bytes_per_token(self.models)
+        self.max_kv_bytes = max_kv_bytes
         self.cache: list | None = None
         self.cached: list[int] = []  # tokens whose KV entries the cache holds, in whole prefill passes
         self.cache_owner: Any = None  # the job decoding on the reusable cache, if any
@@ -544,11 +574,31 @@ class Engine:
                 "batch": running,
                 "max_batch": self.max_batch,
                 "queued": len(self.waiting),
-                "speculating": running == 1 and bool(self.active),
+                "speculating": bool(self.active) and self.decoder.mode in ("alone", "speculative batch"),
+                "mode": self.decoder.mode if self.decoder is not None else "idle",
                 "moves": self.decoder.moves if self.decoder is not None else 0,
+                "speculative_batch_rounds": self.decoder.spec_rounds if self.decoder is not None else 0,
+                "kv_reserved_bytes": self.kv_reserved(),
+                "max_kv_bytes": self.max_kv_bytes,
             }
 
+    def kv_need(self, job: Job) -> int:
+        """KV cache bytes `job` may come to hold (both models), counted against --max-kv-memory."""
+        return (len(job.prompt) + job.max_tokens) * self.kv_per_token
+
+    def kv_reserved(self) -> int:
+        return sum(self.kv_need(job) for job, *_ in self.active.values()) + sum(
+            self.kv_need(p[0]) for p in self.prefilling
+        )
+
     def submit(self, job: Job) -> None:
+        if self.max_kv_bytes is not None and self.kv_need(job) > self.max_kv_bytes:
+            raise RequestError(
+                400,
+                f"this request may need {self.kv_need(job) / 1e9:.2f} GB of KV cache ({len(job.prompt)} prompt "
+                f"tokens + max_tokens {job.max_tokens}), over the server's --max-kv-memory of "
+                f"{self.max_kv_bytes / 1e9:.2f} GB: ask for fewer tokens or send a shorter prompt",
+            )
         with self.cond:
             running = len(self.active) + len(self.prefilling)
             if len(self.waiting) + running > self.max_queue + self.max_batch - 1:
@@ -592,6 +642,7 @@ class Engine:
             self.eos,
             max_batch=self.max_batch,
             prefill_step=self.step,
+            schedule=setup.schedule,
         )
 
     def run(self, job: Job) -> dict | None:
@@ -617,7 +668,13 @@ class Engine:
                 if self.stopping:
                     return
                 started = []
+                reserved = self.kv_reserved()
                 while self.waiting and len(self.active) + len(self.prefilling) + len(started) < self.max_batch:
+                    need = self.kv_need(self.waiting[0])
+                    busy = self.active or self.prefilling or started
+                    if busy and self.max_kv_bytes is not None and reserved + need > self.max_kv_bytes:
+                        break  # waits until running requests free their KV memory
+                    reserved += need
                     started.append(self.waiting.popleft())
             try:
                 for job in started:
@@ -1454,6 +1511,20 @@ def connection_cap(wanted: int) -> int:
     8,
     "Requests decoded together (speculative while one runs alone, batched while several do).",
 )
+@click.option(
+    "--max-kv-memory",
+    type=float,
+    default=None,
+    help="GB of KV cache (target and drafter) the running requests may hold; each counts its prompt plus "
+    "max_tokens, and waits while the batch holds too much [default: 3/4 of memory, less the weights].",
+)
+@click.option(
+    "--batch-speculation",
+    default="auto",
+    show_default=True,
+    help="Speculation inside a batch of several requests: auto (the sizes and draft lengths the pair's "
+    "profile measured, `mlx-vocabtrim tune`), off, or SIZES:DRAFTS entries such as 2-4:2,5:1.",
+)
 @count_option(
     "--prefill-step-size",
     512,
@@ -1496,6 +1567,8 @@ def serve(
     max_prompt_tokens,
     max_queue,
     max_batch,
+    max_kv_memory,
+    batch_speculation,
     prefill_step_size,
     allowed_origins,
     read_timeout,
@@ -1507,8 +1580,12 @@ def serve(
     while one runs alone."""
     import uvicorn
 
+    from .checks import parse_batch_schedule
     from .resolve import context_length, load_for
 
+    schedule = parse_batch_schedule(batch_speculation)
+    if max_kv_memory is not None and not 0 < max_kv_memory < math.inf:
+        raise VocabTrimError(f"--max-kv-memory {max_kv_memory} is not a positive number of GB: e.g. --max-kv-memory 8")
     if max_tokens > max_tokens_limit:
         raise VocabTrimError(
             f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}: lower it or raise the limit"
@@ -1527,6 +1604,8 @@ def serve(
                 f"cannot set up the models ({type(e).__name__}: {reason}): check --model, "
                 "--draft-model and --vocab (--verbose prints the traceback)"
             ) from None
+        if schedule is not None:
+            setup.schedule = schedule
         context = context_length(setup.target)
         if max_prompt_tokens is None:
             max_prompt_tokens = min(DEFAULT_PROMPT_LIMIT, context - 1) if context else DEFAULT_PROMPT_LIMIT
@@ -1540,8 +1619,15 @@ def serve(
                 click.echo(line)
         given = model or DEFAULT_TARGET
         names = tuple(dict.fromkeys((model_id(given), ALIAS, given)))  # the id first; requests may use any
+        models = [m for m in (setup.target, setup.drafter) if m is not None]
+        kv_limit = default_kv_limit(models) if max_kv_memory is None else int(max_kv_memory * 1e9)
         engine = Engine(
-            setup, max_queue=max_queue, max_batch=max_batch, prefill_step=prefill_step_size, verbose=verbose
+            setup,
+            max_queue=max_queue,
+            max_batch=max_batch,
+            prefill_step=prefill_step_size,
+            verbose=verbose,
+            max_kv_bytes=kv_limit,
         )
         limits = Limits(max_tokens, max_tokens_limit, max_prompt_tokens, context, engine.vocab)
         loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback

@@ -28,6 +28,7 @@ from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import count_option, draft_options, force_option
 
 OURS, PLAIN, SPEC = "mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"
+PARTIAL = "bench-serve.partial.jsonl"  # each finished level, so an interrupted run resumes
 START_TIMEOUT = 1800  # seconds for a server to answer /health (models load before ours listens)
 
 
@@ -295,7 +296,7 @@ def bench_serve(
 ):
     """Our server against mlx_lm.server, plain and with --draft-model, over HTTP: greedy Spec-Bench
     requests from 1, 2, 4, ... clients at once; tokens/s, latency and outputs compared."""
-    from .bench import environment
+    from .bench import environment, resume_log
     from .files import check_output, command_line, output_lock, write_text_whole
     from .models import resolve_model
     from .questions import PACKAGED_QUESTIONS, read_questions
@@ -344,48 +345,64 @@ def bench_serve(
         PLAIN: mlx_lm,
         SPEC: [*mlx_lm, "--draft-model", drafter_path, "--num-draft-tokens", str(gamma)],
     }
+    config = {
+        "model": model,
+        "draft_model": draft_model,
+        "target_path": target_path,
+        "drafter_path": drafter_path,
+        "our_flags": flags,
+        "mlx_lm_num_draft_tokens": [gamma, gamma_from],
+        "questions": str(questions or PACKAGED_QUESTIONS),
+        "per_category": per_category,
+        "max_tokens": max_tokens,
+        "levels": levels,
+        "repeats": repeats,
+        "max_batch": max_batch,
+        "check_target": check_target,
+    }
     with output_lock(report_path, force=force):
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        target = None
-        if check_target:
+        entries, log = resume_log(report_path.parent, config, PARTIAL)
+        if entries:
+            click.echo(f"Resuming the unfinished bench-serve in {out}: {len(entries)} entries done", err=True)
+        target = next((e["target"] for e in entries if "target" in e), None)
+        if check_target and target is None:
             click.echo("target alone: decoding every question for the comparison", err=True)
             target = target_texts(model, prompts, max_tokens)
-        summary: dict[str, dict] = {}
-        records = []
+            log({"target": target})
+        done = {(e["server"], e["clients"]): e for e in entries if "server" in e}
         for name, command in commands.items():
+            todo = [level for level in levels if (name, level) not in done]
+            if not todo:
+                continue
             port = free_port()
-            log = report_path.parent / f"{name.replace(' ', '_').replace('-', '')}.log"
-            with running(name, [*command, "--port", str(port)], port, log) as url:
+            log_path = report_path.parent / f"{name.replace(' ', '_').replace('-', '')}.log"
+            with running(name, [*command, "--port", str(port)], port, log_path) as url:
                 ask(url, prompts[0], min(8, max_tokens))  # warm-up: mlx_lm.server loads its models on first use
-                summary[name] = {}
-                for level in levels:
+                for level in todo:
                     click.echo(f"{name}: {level} clients at once, {repeats} pass(es)", err=True)
                     passes = [ask_all(url, prompts[:level], max_tokens) for _ in range(repeats)]
-                    summary[name][str(level)] = level_figures(passes, target[:level] if target else None)
-                    records += [
-                        {"server": name, "clients": level, "pass": n, "question_id": q["question_id"], **r}
-                        for n, (answers, _) in enumerate(passes)
-                        for q, r in zip(picked, answers, strict=False)
-                    ]
+                    entry = {"server": name, "clients": level, "passes": passes}
+                    log(entry)
+                    done[(name, level)] = entry
+        summary: dict[str, dict] = {}
+        records = []
+        for name in commands:
+            summary[name] = {}
+            for level in levels:
+                passes = [(answers, wall) for answers, wall in done[(name, level)]["passes"]]
+                summary[name][str(level)] = level_figures(passes, target[:level] if target else None)
+                records += [
+                    {"server": name, "clients": level, "pass": n, "question_id": q["question_id"], **r}
+                    for n, (answers, _) in enumerate(passes)
+                    for q, r in zip(picked, answers, strict=False)
+                ]
         env = environment()
         table = markdown(summary, env, levels, max_tokens, repeats)
-        config = {
-            "model": model,
-            "draft_model": draft_model,
-            "target_path": target_path,
-            "drafter_path": drafter_path,
-            "our_flags": flags,
-            "mlx_lm_num_draft_tokens": [gamma, gamma_from],
-            "questions": str(questions or PACKAGED_QUESTIONS),
-            "per_category": per_category,
-            "max_tokens": max_tokens,
-            "levels": levels,
-            "repeats": repeats,
-            "commands": commands,
-        }
-        report = {"environment": env, "config": config, "command": command_line(), "summary": summary}
+        report = {"environment": env, "config": config | {"commands": commands}, "command": command_line()}
+        report["summary"] = summary
         report["requests"] = records
         write_text_whole(report_path, json.dumps(report, indent=1, default=str) + "\n")
         write_text_whole(report_path.with_name("bench-serve.md"), table)
+        (report_path.parent / PARTIAL).unlink(missing_ok=True)
     click.echo(table, nl=False)
     click.echo(f"Wrote {report_path} and {report_path.with_name('bench-serve.md')}")

@@ -15,7 +15,7 @@ target never saw) are approximated by the teacher-forced ones.
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +28,7 @@ from .heads import DraftHead
 from .lookup import PromptLookup
 from .profiles import Setting
 from .rollback import needs_restore, rewind, save
+from .spec_batch import Lane, SpecBatch, batchable, give_back
 from .speculative import _prefill, speculative_generate_step
 from .trim import head_rows, trimmed_copy
 
@@ -38,6 +39,8 @@ LOOKUPS = ((0, 0), (1, 8), (2, 4), (2, 8), (2, 16), (3, 8), (3, 16), (3, 32), (4
 SPREAD = 1.3  # a cost whose repeats' median exceeds their fastest by more than this is disturbed by load
 SLACK = 5e-3  # seconds of jitter never called disturbance (tiny models time in milliseconds)
 CONTEXT_ROWS_TIMED = 256  # context rows added when timing a context head step
+BATCH_SIZES = (2, 3, 4, 6, 8)  # batch sizes whose passes are timed (others interpolated)
+BATCH_GAMMAS = (1, 2, 3, 4, 5)  # draft lengths a speculative batch may use (fixed: no threshold)
 PREFILL_STEP = 512  # prompt tokens per prefill pass, as the benchmark and the server
 
 
@@ -392,6 +395,85 @@ def measure_costs(
     return Costs(verify, draft, {n: max(t - base, 0.0) for n, t in feed.items()})
 
 
+@dataclass
+class BatchCosts:
+    """Measured seconds per batch size: a target pass over n tokens of every sequence, one drafter step
+    of every sequence."""
+
+    verify: dict[int, dict[int, float]]
+    draft: dict[int, float]
+
+    def t_verify(self, size: int, n: int) -> float:
+        sizes = sorted(self.verify)
+        return float(np.interp(size, sizes, [self.verify[b][n] for b in sizes]))
+
+    def t_draft(self, size: int) -> float:
+        sizes = sorted(self.draft)
+        return float(np.interp(size, sizes, [self.draft[b] for b in sizes]))
+
+
+def _time_batch(model: nn.Module, batch: "SpecBatch", context: list[int], widths: int) -> tuple[dict, float]:
+    """(seconds of a target pass over n = 1..`widths` tokens of every sequence, of a drafter step of every
+    sequence) for `batch`, entries given back after each call."""
+    size = len(batch)
+
+    def target_pass(x: mx.array) -> mx.array:
+        out = model(x, cache=batch.target_cache)
+        mx.eval(out)
+        give_back(batch.target_cache, [x.shape[1]] * size)
+        return out
+
+    def draft_step() -> mx.array:
+        out = batch.draft_pass([context[-1:]] * size)
+        mx.eval(out)
+        give_back(batch.draft_cache, [1] * size)
+        return out[0]
+
+    verify = {}
+    for n in range(1, widths + 1):
+        x = mx.array([(context * n)[:n]] * size, mx.uint32)
+        verify[n] = _timed(lambda x=x: target_pass(x), f"a target pass over {n} tokens of {size} sequences", 3)
+    return verify, _timed(draft_step, f"a drafter step of {size} sequences", 3)
+
+
+def measure_batch_costs(
+    model: nn.Module, drafter: nn.Module, context_head: bool, context: list[int], sizes: Sequence[int], widths: int
+) -> BatchCosts:
+    """Time, for each batch size, the target over 1..`widths` tokens of every sequence and one drafter
+    step of every sequence (the speculative batch's own passes, `spec_batch`), each sequence after
+    `context`, with the context rows of a context head as `measure_costs` times them."""
+    target_cache, draft_cache = make_prompt_cache(model), make_prompt_cache(drafter)
+    _prefill(model, target_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
+    _prefill(drafter, draft_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
+    verify, draft = {}, {}
+    for size in sizes:
+        batch = SpecBatch(model, drafter)
+        for _ in range(size):
+            head = DraftHead(drafter, context_head, head_rows(model))
+            if head.full is not None:
+                head.add([i for i in range(head.full.weight.shape[0]) if i not in head.kept][:CONTEXT_ROWS_TIMED])
+            batch.join(Lane(context[-1], context[-1:], head), target_cache, draft_cache)
+        verify[size], draft[size] = _time_batch(model, batch, context, widths)
+    return BatchCosts(verify, draft)
+
+
+def batch_schedule(costs: BatchCosts, taus: dict[int, float], largest: int) -> dict:
+    """Per batch size 2..`largest`: aggregate tokens/s predicted for the plain batch and for a speculative
+    batch at each draft length (every sequence accepting as the tuning answers did: tokens per round
+    `taus[g]`), and the choice: the draft length (threshold 0) where speculation is faster, else None."""
+    out = {}
+    for size in range(2, largest + 1):
+        plain = size / costs.t_verify(size, 1)
+        rates = {g: size * tau / (costs.t_verify(size, g + 1) + g * costs.t_draft(size)) for g, tau in taus.items()}
+        best = max(rates, key=rates.get)
+        out[size] = {
+            "plain_tokens_per_s": plain,
+            "speculative_tokens_per_s": rates,
+            "choice": [best, 0.0] if rates[best] > plain else None,
+        }
+    return out
+
+
 def tune(
     model: nn.Module,
     drafter: nn.Module,
@@ -400,6 +482,7 @@ def tune(
     eos: set[int],
     keeps: dict[int, list[int]],
     progress: Callable[[], None] = lambda: None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
 ) -> dict:
     """Trace `prompts`, time the steps and predict every setting; returns the best setting, the
     best fixed-length full-head setting (mlx-lm's speculative decoding at its best draft
@@ -426,6 +509,28 @@ def tune(
     ]
     best_baseline = max(baseline, key=lambda row: row["predicted_tokens_per_s"])
     top = sorted(table, key=lambda row: -row["predicted_tokens_per_s"])[:40]
+    batch = None
+    if batch_sizes and batchable(make_prompt_cache(model)) and batchable(make_prompt_cache(drafter)):
+        chosen = Setting.of(best)
+        head = drafters[chosen.k] if chosen.k in drafters else drafter
+        taus = {
+            g: predict(
+                traces,
+                replace(chosen, num_draft_tokens=g, draft_threshold=0.0, lookup_ngram=0, adaptive=False),
+                costs,
+                lookups,
+            )["expected_tau"]
+            for g in BATCH_GAMMAS
+        }
+        measured = measure_batch_costs(model, head, chosen.context_head, prompts[0], batch_sizes, max(BATCH_GAMMAS) + 1)
+        plan = batch_schedule(measured, taus, max(batch_sizes))
+        batch = {
+            "taus": taus,
+            "verify": measured.verify,
+            "draft": measured.draft,
+            "sizes": plan,
+            "schedule": {size: row["choice"] for size, row in plan.items()},
+        }
     return {
         "choice": best,
         "best_static": max((r for r in table if not r["adaptive"]), key=lambda r: r["predicted_tokens_per_s"]),
@@ -443,6 +548,7 @@ def tune(
         "t_feed": costs.feed,
         "answers": [len(tr.answer) for tr in traces],
         "full_rows": head_rows(drafter),
+        "batch": batch,
     }
 
 

@@ -19,6 +19,7 @@ from mlx_vocabtrim.calibrate import chat_prompt
 from mlx_vocabtrim.cli import cli
 from mlx_vocabtrim.profiles import Setting
 from mlx_vocabtrim.questions import PACKAGED_QUESTIONS, read_questions, tuning_questions
+from mlx_vocabtrim.resolve import load as resolve_load
 from mlx_vocabtrim.speculative import SpecStats, speculative_generate_step
 from mlx_vocabtrim.trim import head_rows, trimmed_copy
 from mlx_vocabtrim.tune import Costs, _lookups, replay, settings_grid, trace
@@ -256,6 +257,20 @@ def test_auto_tunes_ours_and_the_baseline_then_saves_a_profile(model_dirs, bench
     assert profile["settings"]["num_draft_tokens"] == tuned["choice"]["num_draft_tokens"]
     assert profile["measured"]["environment"]["dtype"] == "float32"
     assert Path(path).parent == tmp_path / "cache" / "profiles"
+    # batches: passes timed per size, a choice per size 2..8 in the profile, read back by resolve
+    batch = tuned["batch"]
+    assert sorted(int(b) for b in batch["verify"]) == [2, 3, 4, 6, 8] and sorted(map(int, batch["taus"])) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert sorted(int(b) for b in profile["batch_schedule"]) == list(range(2, 9))
+    speculating = {int(b): tuple(e) for b, e in profile["batch_schedule"].items() if e}
+    monkeypatch.setenv("MLX_VOCABTRIM_OPENBLAS", "0")
+    setup = resolve_load(str(model_dirs["target"]), str(model_dirs["drafter"]))
+    assert setup.schedule == speculating
 
 
 def test_tuning_prompts_come_from_outside_the_benchmark(bench_inputs):

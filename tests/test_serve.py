@@ -29,7 +29,7 @@ from conftest import VOCAB, build_tokenizer, make_model, model_config, save_mode
 from mlx_lm import load as mlx_lm_load
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mlx_vocabtrim import generate, load, save_vocab
+from mlx_vocabtrim import VocabTrimError, generate, load, save_vocab
 from mlx_vocabtrim.cli import cli
 from mlx_vocabtrim.serve import Engine, Job, Message, held_back, stop_index
 
@@ -778,11 +778,16 @@ def test_a_tiny_temperature_is_greedy(server, target):
     assert status == 200 and content(answer) == target(CHAT), answer
 
 
-def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(model_dirs, vocab_file, target, tmp_path):
+@pytest.mark.parametrize("batch_speculation", ["off", "2-8:2"])
+def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(
+    model_dirs, vocab_file, target, tmp_path, batch_speculation
+):
     """Greedy and seeded sampled requests of different lengths, with stop strings, a long prompt, one
-    joining while the others decode and one cancelled midway: each reply equals the one it gets alone."""
+    joining while the others decode and one cancelled midway: each reply equals the one it gets alone,
+    with the plain batch and with speculation inside the batch (once no seeded request is in it)."""
     args = ["--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]), "--vocab"]
-    args += [str(vocab_file), "--k", "200", "--max-batch", "8", "--max-tokens-limit", str(LONG), "--verbose"]
+    args += [str(vocab_file), "--k", "200", "--max-batch", "9", "--max-tokens-limit", str(LONG), "--verbose"]
+    args += ["--batch-speculation", batch_speculation]
     proc, url = start(args, tmp_path / "batch.log")
     long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
     bodies = [
@@ -793,6 +798,7 @@ def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(mode
         {**CHAT, "max_tokens": 40, "stop": ["a"]},
         {"messages": [{"role": "user", "content": long_prompt}], "max_tokens": 16},
         {"prompt": "def add(a, b):", "max_tokens": 18, "stop": [")", "b"]},
+        {**FOX, "max_tokens": 90},  # outlasts the seeded ones
     ]
     try:
         alone = [post(url, "/v1/completions" if "prompt" in b else "/v1/chat/completions", b)[1] for b in bodies]
@@ -832,8 +838,47 @@ def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(mode
         moved = results[0]["speculation"]
         assert 0 < moved["draft_tokens"] and moved["target_calls"] > alone[0]["speculation"]["target_calls"]
         wait_for(lambda: not get(url, "/health")["busy"])
-        assert get(url, "/health")["moves"] >= 2, "requests moved into the batch and out of it"
+        health = get(url, "/health")
+        assert health["moves"] >= 2, "requests moved into the batch and out of it"
+        assert (health["speculative_batch_rounds"] > 0) == (batch_speculation != "off")
         assert re.search(r"cancelled$", (tmp_path / "batch.log").read_text(), re.M)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_the_batch_holds_no_more_kv_memory_than_the_limit(model_dirs, tmp_path):
+    """--max-kv-memory fits two requests of 300 tokens (prompt and max_tokens) but not three: of four sent at
+    once two run and two wait, each reply is still the target's; one that alone needs more is a JSON 400."""
+    from mlx_vocabtrim.serve import kv_bytes_per_token
+
+    target_model, _ = mlx_lm_load(str(model_dirs["target"]))
+    drafter_model, _ = mlx_lm_load(str(model_dirs["drafter"]))
+    per_token = kv_bytes_per_token([target_model, drafter_model])
+    limit = 2.5 * 300 * per_token / 1e9
+    args = ["--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"])]
+    args += ["--max-kv-memory", repr(limit), "--max-batch", "8"]
+    proc, url = start(args, tmp_path / "kv.log")
+    try:
+        prompt = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 1})[1]["usage"]["prompt_tokens"]
+        body = {**CHAT, "max_tokens": 300 - prompt, "logit_bias": {EOS: -100}}  # 300 tokens in all
+        alone = content(post(url, "/v1/chat/completions", body)[1])
+        results, peak = [None] * 4, []
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, post(url, "/v1/chat/completions", body)[1]))
+            for i in range(4)
+        ]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            health = get(url, "/health")
+            peak.append((health["batch"], health["queued"]))
+            time.sleep(0.02)
+        assert max(b for b, _ in peak) == 2 and max(q for _, q in peak) >= 1, peak
+        assert all(content(r) == alone for r in results)
+        status, error, _ = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 800})
+        assert status == 400 and "--max-kv-memory" in error["error"]["message"], error
+        assert get(url, "/health")["max_kv_bytes"] == int(limit * 1e9)
     finally:
         proc.terminate()
         proc.wait()
@@ -974,16 +1019,21 @@ def test_a_busy_port_fails_fast_in_a_real_process(model_dirs):
 # ---- bench-serve -------------------------------------------------------------------------------
 
 
-def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp_path):
+def bench_serve_args(model_dirs, vocab_file, tmp_path, turns, per_category, max_tokens, clients) -> list[str]:
     questions = tmp_path / "q.jsonl"
-    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox"), ("code", "import numpy as np")]
     questions.write_text(
         "\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in enumerate(turns))
     )
-    out = tmp_path / "out"
     args = ["bench-serve", "--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"])]
-    args += ["--vocab", str(vocab_file), "--k", "200", "--questions", str(questions), "--per-category", "2"]
-    args += ["--max-tokens", "6", "--clients", "1,3", "--mlx-lm-num-draft-tokens", "2", "--out", str(out)]
+    args += ["--vocab", str(vocab_file), "--k", "200", "--questions", str(questions), "--per-category", per_category]
+    args += ["--max-tokens", max_tokens, "--clients", clients, "--mlx-lm-num-draft-tokens", "2"]
+    return args + ["--out", str(tmp_path / "out")]
+
+
+def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp_path):
+    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox"), ("code", "import numpy as np")]
+    args = bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "2", "6", "1,3")
+    out = tmp_path / "out"
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench-serve.json").read_text())
@@ -1000,6 +1050,45 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     assert table in result.output
     refused = CliRunner().invoke(cli, [*args[:-2], "--clients", "1,9", "--out", str(tmp_path / "o2")])
     assert refused.exit_code == 1 and "9 clients need as many questions" in refused.output
+
+
+def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_dirs, vocab_file, tmp_path, monkeypatch):
+    """Each finished (server, level) is logged as it ends; a rerun after a failure measures only the rest
+    and reports the logged passes as they were."""
+    import mlx_vocabtrim.serve_bench as serve_bench
+
+    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox")]
+    args = bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "1", "4", "1,2")
+    out = tmp_path / "out"
+    real, asked = serve_bench.ask_all, []
+
+    def failing(url, prompts, max_tokens):
+        if len(asked) == 3:
+            raise VocabTrimError("the machine went to sleep")
+        asked.append(url)
+        return real(url, prompts, max_tokens)
+
+    monkeypatch.setattr(serve_bench, "ask_all", failing)
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 1 and "went to sleep" in first.output
+    partial = out / "bench-serve.partial.jsonl"
+    logged = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [(e.get("server"), e.get("clients")) for e in logged[2:]] == [
+        ("mlx-vocabtrim serve", 1),
+        ("mlx-vocabtrim serve", 2),
+        ("mlx_lm.server", 1),
+    ]
+    assert not (out / "bench-serve.json").exists()
+    monkeypatch.setattr(serve_bench, "ask_all", real)
+    second = CliRunner().invoke(cli, args)
+    assert second.exit_code == 0, second.output
+    assert (
+        "Resuming the unfinished bench-serve" in second.output and "mlx-vocabtrim serve: 1 clients" not in second.output
+    )
+    report = json.loads((out / "bench-serve.json").read_text())
+    passes = [(answers, wall) for answers, wall in logged[3]["passes"]]
+    assert report["summary"]["mlx-vocabtrim serve"]["2"] == serve_bench.level_figures(passes, logged[1]["target"][:2])
+    assert set(report["summary"]["mlx_lm.server --draft-model"]) == {"1", "2"} and not partial.exists()
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_5"])

@@ -1,0 +1,250 @@
+"""Speculative rounds for several sequences at once: one batched drafter pass per draft step, one
+batched target pass per round, acceptance and rollback per sequence.
+
+Both models' caches are mlx-lm's `BatchKVCache` (plain KV caches only: nothing else gives back
+entries per sequence). A round feeds each sequence its pending tokens and drafts in one pass,
+right-padded to the longest; each sequence then keeps what it accepted: the entries no sequence
+keeps are trimmed from the batch, and each sequence's own rejected entries are rolled into its
+left padding, where the mask hides them (what `BatchKVCache.finalize` does for right-padded
+prompts). Every sequence drafts the round's length unless its draft threshold stops it earlier;
+the target verifies the longest proposal of the round for all of them.
+
+Greedy output is each sequence's own greedy decoding (up to the last bits of batched matmuls);
+sampled sequences accept draft x with probability min(1, p(x)/q(x)) and draw a rejection's
+token from normalize(max(p - q, 0)), as the single-sequence generator does.
+"""
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll
+
+from .engine import first_rejected
+from .heads import DraftHead, model_body
+from .speculative import SpecStats, proposal_row, sampling_logprobs, verify_sampled
+from .trim import head_rows
+
+
+def batchable(cache: list) -> bool:
+    """Whether a model's cache can join a speculative batch (every layer a plain KVCache)."""
+    return bool(cache) and all(type(c) is KVCache for c in cache)
+
+
+@dataclass(eq=False)
+class Lane:
+    """One sequence in the batch: the token the target has yet to process, the tokens the drafter has
+    yet to process, its drafter head (context rows of its own), sampling and logit bias."""
+
+    target_pending: int
+    draft_pending: list[int]
+    head: DraftHead
+    temp: float = 0.0
+    top_p: float = 1.0
+    bias: mx.array | None = None
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+@dataclass
+class Emitted:
+    """What a round gave one lane: tokens, the target's log-prob row of each, how many were drafts."""
+
+    tokens: list[int]
+    logprobs: list[mx.array]
+    accepted: int
+
+
+def give_back(cache: list, drop: list[int]) -> None:
+    """Drop each sequence's last `drop[i]` entries: the common part by trimming, the rest by rolling
+    the sequence's entries right, into its left padding."""
+    least = min(drop)
+    shifts = [d - least for d in drop]
+    for layer in cache:
+        if least:
+            layer.trim(least)
+        if any(shifts):
+            shift = mx.array(shifts)
+            layer.keys = dynamic_roll(layer.keys, shift[:, None], axis=2)
+            layer.values = dynamic_roll(layer.values, shift[:, None], axis=2)
+            layer.offset = layer.offset - shift
+            layer.left_padding = layer.left_padding + shift
+    if any(shifts):
+        _compact(cache)
+
+
+def _compact(cache: list) -> None:
+    """Cut the padding every sequence has on the left (it grows as sequences reject differently)."""
+    for layer in cache:
+        cut = min(layer.left_padding.tolist())
+        if cut > 0:
+            layer.keys = layer.keys[..., cut:, :]
+            layer.values = layer.values[..., cut:, :]
+            layer._idx -= cut
+            layer.left_padding = layer.left_padding - cut
+
+
+class SpecBatch:
+    """Sequences decoding speculatively together (see the module's docstring). `join` hands a lane
+    its caches (each model's per-sequence KVCaches: the target's hold all the sequence's tokens but
+    `target_pending`, the drafter's all but `draft_pending`); `leave` hands them back likewise."""
+
+    def __init__(self, target: nn.Module, drafter: nn.Module):
+        self.target, self.drafter = target, drafter
+        self.lanes: list[Lane] = []
+        self.target_cache: list | None = None
+        self.draft_cache: list | None = None
+        self.vocab = head_rows(target)
+        self.body = model_body(drafter)
+        self.rounds = 0
+
+    def __len__(self) -> int:
+        return len(self.lanes)
+
+    def join(self, lane: Lane, target_cache: list, draft_cache: list) -> None:
+        new_target = [BatchKVCache.merge([c]) for c in target_cache]
+        new_draft = [BatchKVCache.merge([c]) for c in draft_cache]
+        if self.target_cache is None:
+            self.target_cache, self.draft_cache = new_target, new_draft
+        else:
+            for mine, theirs in zip(self.target_cache + self.draft_cache, new_target + new_draft, strict=True):
+                mine.extend(theirs)
+        self.lanes.append(lane)
+
+    def leave(self, lane: Lane, keep: bool = True) -> tuple[list, list] | None:
+        """Take `lane` out; its caches as per-sequence KVCaches (unless `keep` is False: it ended)."""
+        i = self.lanes.index(lane)
+        caches = None
+        if keep:
+            caches = [c.extract(i) for c in self.target_cache], [c.extract(i) for c in self.draft_cache]
+        self.lanes.pop(i)
+        if not self.lanes:
+            self.target_cache = self.draft_cache = None
+        else:
+            rest = mx.array([j for j in range(len(self.lanes) + 1) if j != i])
+            for layer in self.target_cache + self.draft_cache:
+                layer.filter(rest)
+        return caches
+
+    def _scores(self, hidden: mx.array) -> list[mx.array]:
+        """Each lane's drafter logits over its head's rows, from the last hidden states (B, d)."""
+        lanes = self.lanes
+        split = lanes[0].head.split
+        base = split.head(hidden[:, None])[:, 0]
+        out = []
+        for i, lane in enumerate(lanes):
+            row = base[i]
+            if lane.head.extra is not None:
+                row = mx.concatenate([row, lane.head.extra(hidden[i : i + 1])[0]])
+            out.append(row)
+        return out
+
+    def draft_pass(self, feeds: list[list[int]]) -> list[mx.array]:
+        """Feed each lane its tokens (right-padded to the longest), return each lane's logits after its last."""
+        width = max(map(len, feeds))
+        pads = [width - len(f) for f in feeds]
+        x = mx.array([f + [0] * p for f, p in zip(feeds, pads, strict=True)], mx.uint32)
+        if any(pads):
+            for layer in self.draft_cache:
+                layer.prepare(right_padding=pads)
+        at = mx.array([len(f) - 1 for f in feeds])
+        if self.lanes[0].head.split:
+            hidden = self.body(x, cache=self.draft_cache)
+            last = mx.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
+            rows = self._scores(last)
+        else:
+            logits = self.drafter(x, cache=self.draft_cache)
+            last = mx.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]
+            vocab = self.vocab if self.lanes[0].head.remap is None else last.shape[-1]
+            rows = [last[i, :vocab] for i in range(len(feeds))]
+        if any(pads):
+            for layer in self.draft_cache:
+                layer.finalize()
+        return rows
+
+    def _draft(self, lengths: list[int], threshold: float) -> tuple[list[list[int]], list[int], list[list], int]:
+        """Drafts of every lane (the round's longest length for all, each lane's own count of proposals),
+        their q rows when sampling, and the drafter passes run."""
+        longest = max(lengths)
+        drafts: list[list[int]] = [[] for _ in self.lanes]
+        rows: list[list] = [[] for _ in self.lanes]
+        counts = [0] * len(self.lanes)
+        confidence = [1.0] * len(self.lanes)
+        open_ = [n > 0 for n in lengths]
+        feeds = [lane.draft_pending for lane in self.lanes]
+        passes = 0
+        while True:
+            scores = self.draft_pass(feeds)
+            passes += 1
+            picks = []
+            for i, (lane, logits) in enumerate(zip(self.lanes, scores, strict=True)):
+                if lane.temp > 0:
+                    logq = sampling_logprobs(logits, lane.temp, lane.top_p)
+                    index = mx.random.categorical(logq)
+                    rows[i].append(mx.exp(logq))
+                    chosen = logq[index]
+                else:
+                    index = mx.argmax(logits, axis=-1)
+                    chosen = logits[index] - mx.logsumexp(logits)
+                token = index if lane.head.remap is None else lane.head.remap[index]
+                picks.append((token, chosen))
+            mx.eval(picks)
+            for i, (token, chosen) in enumerate(picks):
+                drafts[i].append(int(token.item()))
+                if open_[i]:
+                    counts[i] += 1
+                    if threshold:
+                        confidence[i] *= float(mx.exp(chosen).item())
+                    if counts[i] >= lengths[i] or (threshold and confidence[i] < threshold):
+                        open_[i] = False
+            if passes >= longest or not any(open_):
+                return drafts, counts, rows, passes
+            feeds = [[d[-1]] for d in drafts]
+
+    def round(self, lengths: list[int], threshold: float = 0.0) -> list[Emitted]:
+        """One round: lane i drafts up to `lengths[i]` tokens (0: none), the target verifies; what each
+        lane emitted, in lane order."""
+        lanes = self.lanes
+        if max(lengths) > 0:
+            drafts, counts, rows, passes = self._draft(lengths, threshold)
+        else:
+            drafts, counts, rows, passes = [[] for _ in lanes], [0] * len(lanes), [[] for _ in lanes], 0
+        width = max(counts)
+        x = mx.array([[lane.target_pending] + d[:width] for lane, d in zip(lanes, drafts, strict=True)], mx.uint32)
+        logits = self.target(x, cache=self.target_cache)
+        out = []
+        for i, lane in enumerate(lanes):
+            row = logits[i] if lane.bias is None else logits[i] + lane.bias
+            logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
+            g = counts[i]
+            proposed = drafts[i][:g]
+            if lane.temp > 0:
+                q = mx.stack([proposal_row(r, lane.head.remap, row.shape[-1]) for r in rows[i][:g]]) if g else None
+                sampled = sampling_logprobs(row[: g + 1], lane.temp, lane.top_p)
+                accept, residual, bonus = verify_sampled(sampled, mx.array(proposed, mx.uint32), q)
+                mx.eval(accept, residual, bonus)
+                n = first_rejected(accept.tolist())
+                fix = int((residual[n] if n < g else bonus).item())
+            else:
+                choice = mx.argmax(row[: g + 1], axis=-1).tolist()
+                n = first_rejected([d == t for d, t in zip(proposed, choice[:-1], strict=True)])
+                fix = choice[n]
+            out.append(Emitted(proposed[:n] + [fix], [logprobs[j] for j in range(n + 1)], n))
+        give_back(self.target_cache, [width - e.accepted for e in out])
+        if passes:
+            fed = passes - 1  # drafts fed after each lane's pending tokens
+            give_back(self.draft_cache, [fed - min(e.accepted, fed) for e in out])
+            for lane, e in zip(lanes, out, strict=True):
+                lane.draft_pending = e.tokens[min(e.accepted, fed) :]
+        else:
+            for lane, e in zip(lanes, out, strict=True):
+                lane.draft_pending = lane.draft_pending + e.tokens
+        for lane, e, g in zip(lanes, out, counts, strict=True):
+            lane.target_pending = e.tokens[-1]
+            lane.head.add(e.tokens)
+            lane.stats.target_calls += 1
+            lane.stats.draft_tokens += g
+            lane.stats.accepted_tokens += e.accepted
+            lane.stats.generated_tokens += len(e.tokens)
+            lane.stats.context_rows = lane.head.context_rows
+        self.rounds += 1
+        return out
