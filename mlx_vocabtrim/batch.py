@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .heads import DraftHead
+from .lookup import PromptLookup
 from .rollback import check_rollback
 from .spec_batch import Lane, SpecBatch, batchable
 from .speculative import SpecStats, _prefill, bias_vector, sampling_logprobs, speculative_generate_step
@@ -304,7 +305,11 @@ class Decoder:
         bias = bias_vector(seq.logit_bias, self.vocab) if seq.logit_bias else None
         if seq.temp > 0:  # unseeded (seeded ones never speculate): draws nobody can predict from other requests
             mx.random.seed(secrets.randbits(64))
-        seq.lane = Lane(history[-1], history[-1:], head, seq.temp, seq.top_p, bias, seq.stats)
+        lookup = None
+        if self.setting.get("lookup_ngram"):
+            lookup = PromptLookup(self.setting["lookup_ngram"])
+            lookup.extend(history)
+        seq.lane = Lane(history[-1], history[-1:], head, lookup, seq.temp, seq.top_p, bias, seq.stats)
         seq.target_cache = seq.draft_cache = None
         self.lanes.join(seq.lane, target, draft)
 
@@ -329,7 +334,8 @@ class Decoder:
         lanes = list(self.lanes.lanes)
         by_lane = {s.lane: s for s in self.sequences}
         lengths = [min(num_draft_tokens, self._remaining(by_lane[lane]) - 1) for lane in lanes]
-        emitted = self.lanes.round(lengths, draft_threshold)
+        copies = self.setting.get("lookup_tokens", 0) if self.setting.get("lookup_ngram") else 0
+        emitted = self.lanes.round(lengths, draft_threshold, copies)
         self.spec_rounds += 1
         events = []
         for lane, out in zip(lanes, emitted, strict=True):
@@ -374,12 +380,14 @@ def batch_generate(
     temp: float = 0.0,
     top_p: float = 1.0,
     max_batch: int = 8,
+    schedule: Schedule | None = None,
     **setting: Any,
 ) -> list[list[int]]:
     """The completions (token ids, EOS excluded) of `prompts`, decoded together: an offline batch job.
-    `setting` holds `speculative_generate_step`'s keyword arguments."""
+    `setting` holds `speculative_generate_step`'s keyword arguments (for a sequence alone), `schedule`
+    the speculative batch's draft length per batch size (`Setup.schedule`: the profile's)."""
     eos = set(tokenizer.eos_token_ids)
-    decoder = Decoder(target, drafter, setting, eos, max_batch=max_batch)
+    decoder = Decoder(target, drafter, setting, eos, max_batch=max_batch, schedule=schedule)
     waiting = [Sequence(list(p), max_tokens, temp, top_p) for p in prompts]
     order = list(waiting)
     try:

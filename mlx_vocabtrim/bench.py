@@ -675,6 +675,7 @@ def _save_profile(result: dict, model: str, draft_model: str, target, paths, voc
         "environment": environment(target),
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
+        "mlx_lm_spec_best": result["mlx_lm_spec_best"],  # bench-serve runs mlx_lm.server --draft-model at it
     }
     batch = result.get("batch")
     if batch:

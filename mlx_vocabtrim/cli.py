@@ -539,7 +539,7 @@ def trim(draft_model, model, vocab_file, k, context_head, out, force):
     help="Head sizes to weigh, comma-separated (the full head is always weighed).",
 )
 @click.option("--questions", default=None, help="Spec-Bench JSONL to tune on [default: the packaged Spec-Bench].")
-@count_option("--prompts", 4, "Questions to tune on, spread over the file.")
+@count_option("--prompts", 13, "Questions to tune on: one per Spec-Bench category (fewer: categories spread).")
 @count_option("--max-tokens", 128, "Tokens decoded per question.")
 @count_option("--max-prompt-tokens", None, "Cut longer questions to their start [default: no cut].")
 @click.option(
@@ -599,7 +599,7 @@ def tune(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prom
     "machine, tuned like ours). mlx-lm's default (3) is always run too.",
 )
 @click.option("--auto", is_flag=True, help="Tune our settings on held-out questions, run the choice, save the profile.")
-@count_option("--auto-prompts", 4, "Held-out questions tuning decodes.")
+@count_option("--auto-prompts", 13, "Held-out questions tuning decodes (one per category).")
 @click.option("--questions", default=None, help="Spec-Bench question.jsonl [default: the packaged Spec-Bench].")
 @count_option("--per-category", 2, "Questions per Spec-Bench category.")
 @count_option("--max-tokens", 128, "New tokens per answer.")

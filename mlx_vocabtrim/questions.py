@@ -39,11 +39,27 @@ def read_questions(path: str | Path, per_category: int | None) -> list[dict]:
     return questions
 
 
+def in_turn(questions: list[dict]) -> list[dict]:
+    """The questions with categories taken in turn, so any first N span categories."""
+    by: dict[str, list[dict]] = {}
+    for q in questions:
+        by.setdefault(q["category"], []).append(q)
+    out = []
+    while any(by.values()):
+        out += [qs.pop(0) for qs in by.values() if qs]
+    return out
+
+
 def tuning_questions(path: str | Path, chosen: list[dict], n: int) -> tuple[list[dict], list[dict]]:
-    """n questions for tuning spread over the file, outside the benchmarked ones when the file
-    has enough; else taken from them. Returns (tuning, benchmarked)."""
+    """n questions for tuning, outside the benchmarked ones when the file has enough (else taken from
+    them): one per category while n allows (fewer than the categories: categories spread over the
+    file's order), then more of each in turn. Returns (tuning, benchmarked)."""
     ids = {q["question_id"] for q in chosen}
     rest = [q for q in read_questions(path, None) if q["question_id"] not in ids]
     pool = rest if len(rest) >= n else chosen
-    tuning = pool[:: max(len(pool) // max(n, 1), 1)][:n]
+    categories = list(dict.fromkeys(q["category"] for q in pool))
+    if n < len(categories):
+        wanted = {categories[i * len(categories) // n] for i in range(n)}
+        pool = [q for q in pool if q["category"] in wanted]
+    tuning = in_turn(pool)[:n]
     return tuning, [q for q in chosen if q not in tuning]

@@ -132,17 +132,6 @@ def ask_all(url: str, prompts: list[str], max_tokens: int) -> tuple[list[dict], 
     return answers, time.perf_counter() - tic
 
 
-def spread(questions: list[dict]) -> list[dict]:
-    """The questions with categories taken in turn, so every level's first N questions span categories."""
-    by: dict[str, list[dict]] = {}
-    for q in questions:
-        by.setdefault(q["category"], []).append(q)
-    out = []
-    while any(by.values()):
-        out += [qs.pop(0) for qs in by.values() if qs]
-    return out
-
-
 def target_texts(model: str, prompts: list[str], max_tokens: int) -> list[str]:
     """Each prompt decoded greedily by the target alone."""
     from .calibrate import chat_prompt
@@ -259,6 +248,12 @@ def mlx_lm_best_draft(model: str, draft_model: str, target_path: str, drafter_pa
 )
 @count_option("--max-batch", 16, "Sequences our server decodes together (its --max-batch).")
 @click.option(
+    "--batch-speculation",
+    default="auto",
+    show_default=True,
+    help="Our server's --batch-speculation: auto (the pair's profile), off, or SIZES:DRAFTS entries.",
+)
+@click.option(
     "--check-target/--no-check-target",
     default=True,
     show_default=True,
@@ -290,6 +285,7 @@ def bench_serve(
     repeats,
     mlx_lm_num_draft_tokens,
     max_batch,
+    batch_speculation,
     check_target,
     out,
     force,
@@ -297,13 +293,15 @@ def bench_serve(
     """Our server against mlx_lm.server, plain and with --draft-model, over HTTP: greedy Spec-Bench
     requests from 1, 2, 4, ... clients at once; tokens/s, latency and outputs compared."""
     from .bench import environment, resume_log
+    from .checks import parse_batch_schedule
     from .files import check_output, command_line, output_lock, write_text_whole
     from .models import resolve_model
-    from .questions import PACKAGED_QUESTIONS, read_questions
+    from .questions import PACKAGED_QUESTIONS, in_turn, read_questions
     from .trim import is_trimmed_dir
 
     levels = parse_levels(clients)
-    picked = spread(read_questions(questions or PACKAGED_QUESTIONS, per_category))
+    parse_batch_schedule(batch_speculation)  # a bad value fails here, not after the references
+    picked = in_turn(read_questions(questions or PACKAGED_QUESTIONS, per_category))
     if len(picked) < max(levels):
         raise VocabTrimError(
             f"{max(levels)} clients need as many questions, and --per-category {per_category} picks {len(picked)}: "
@@ -341,6 +339,7 @@ def bench_serve(
             *flags,
             *["--max-tokens", str(max_tokens), "--max-tokens-limit", str(max_tokens)],
             *["--max-queue", str(max(levels)), "--max-batch", str(max_batch)],
+            *["--batch-speculation", batch_speculation],
         ],
         PLAIN: mlx_lm,
         SPEC: [*mlx_lm, "--draft-model", drafter_path, "--num-draft-tokens", str(gamma)],
@@ -358,6 +357,7 @@ def bench_serve(
         "levels": levels,
         "repeats": repeats,
         "max_batch": max_batch,
+        "batch_speculation": batch_speculation,
         "check_target": check_target,
     }
     with output_lock(report_path, force=force):

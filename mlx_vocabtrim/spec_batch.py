@@ -6,8 +6,9 @@ entries per sequence). A round feeds each sequence its pending tokens and drafts
 right-padded to the longest; each sequence then keeps what it accepted: the entries no sequence
 keeps are trimmed from the batch, and each sequence's own rejected entries are rolled into its
 left padding, where the mask hides them (what `BatchKVCache.finalize` does for right-padded
-prompts). Every sequence drafts the round's length unless its draft threshold stops it earlier;
-the target verifies the longest proposal of the round for all of them.
+prompts). A sequence's proposals are what its prompt lookup copies (at most the round's length),
+then drafts up to that length unless its draft threshold stops it earlier; the target verifies
+the longest proposal of the round for all of them (shorter ones padded with filler it ignores).
 
 Greedy output is each sequence's own greedy decoding (up to the last bits of batched matmuls);
 sampled sequences accept draft x with probability min(1, p(x)/q(x)) and draw a rejection's
@@ -22,6 +23,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll
 
 from .engine import first_rejected
 from .heads import DraftHead, model_body
+from .lookup import PromptLookup
 from .speculative import SpecStats, proposal_row, sampling_logprobs, verify_sampled
 from .trim import head_rows
 
@@ -34,11 +36,12 @@ def batchable(cache: list) -> bool:
 @dataclass(eq=False)
 class Lane:
     """One sequence in the batch: the token the target has yet to process, the tokens the drafter has
-    yet to process, its drafter head (context rows of its own), sampling and logit bias."""
+    yet to process, its drafter head (context rows of its own), its prompt lookup, sampling and logit bias."""
 
     target_pending: int
     draft_pending: list[int]
     head: DraftHead
+    lookup: PromptLookup | None = None
     temp: float = 0.0
     top_p: float = 1.0
     bias: mx.array | None = None
@@ -161,16 +164,18 @@ class SpecBatch:
                 layer.finalize()
         return rows
 
-    def _draft(self, lengths: list[int], threshold: float) -> tuple[list[list[int]], list[int], list[list], int]:
-        """Drafts of every lane (the round's longest length for all, each lane's own count of proposals),
-        their q rows when sampling, and the drafter passes run."""
+    def _draft(
+        self, lengths: list[int], threshold: float, copies: list[list[int]]
+    ) -> tuple[list[list[int]], list[int], list[list], int]:
+        """Drafts of every lane after its copies (the round's longest length for all, each lane's own count
+        of proposals), their q rows when sampling, and the drafter passes run."""
         longest = max(lengths)
         drafts: list[list[int]] = [[] for _ in self.lanes]
         rows: list[list] = [[] for _ in self.lanes]
         counts = [0] * len(self.lanes)
         confidence = [1.0] * len(self.lanes)
         open_ = [n > 0 for n in lengths]
-        feeds = [lane.draft_pending for lane in self.lanes]
+        feeds = [lane.draft_pending + c for lane, c in zip(self.lanes, copies, strict=True)]
         passes = 0
         while True:
             scores = self.draft_pass(feeds)
@@ -200,27 +205,43 @@ class SpecBatch:
                 return drafts, counts, rows, passes
             feeds = [[d[-1]] for d in drafts]
 
-    def round(self, lengths: list[int], threshold: float = 0.0) -> list[Emitted]:
-        """One round: lane i drafts up to `lengths[i]` tokens (0: none), the target verifies; what each
-        lane emitted, in lane order."""
+    def round(self, lengths: list[int], threshold: float = 0.0, copy_limit: int = 0) -> list[Emitted]:
+        """One round: lane i proposes up to `lengths[i]` tokens (0: none), first up to `copy_limit` copied
+        by its prompt lookup, then drafts; the target verifies; what each lane emitted, in lane order."""
         lanes = self.lanes
-        if max(lengths) > 0:
-            drafts, counts, rows, passes = self._draft(lengths, threshold)
+        copies = [
+            lane.lookup.propose(min(copy_limit, n)) if lane.lookup is not None else []
+            for lane, n in zip(lanes, lengths, strict=True)
+        ]
+        wanted = [n - len(c) for n, c in zip(lengths, copies, strict=True)]
+        if max(wanted) > 0:
+            drafts, counts, rows, passes = self._draft(wanted, threshold, copies)
         else:
             drafts, counts, rows, passes = [[] for _ in lanes], [0] * len(lanes), [[] for _ in lanes], 0
-        width = max(counts)
-        x = mx.array([[lane.target_pending] + d[:width] for lane, d in zip(lanes, drafts, strict=True)], mx.uint32)
+        proposals = [c + d[:g] for c, d, g in zip(copies, drafts, counts, strict=True)]
+        width = max(map(len, proposals))
+        x = mx.array(
+            [
+                [lane.target_pending] + (p + d[g:] + [0] * width)[:width]  # past its proposals: filler
+                for lane, p, d, g in zip(lanes, proposals, drafts, counts, strict=True)
+            ],
+            mx.uint32,
+        )
         logits = self.target(x, cache=self.target_cache)
         out = []
         for i, lane in enumerate(lanes):
             row = logits[i] if lane.bias is None else logits[i] + lane.bias
             logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
-            g = counts[i]
-            proposed = drafts[i][:g]
+            proposed = proposals[i]
+            g = len(proposed)
             if lane.temp > 0:
-                q = mx.stack([proposal_row(r, lane.head.remap, row.shape[-1]) for r in rows[i][:g]]) if g else None
+                vocab = row.shape[-1]
+                q = [(mx.arange(vocab) == c).astype(mx.float32) for c in copies[i]]
+                q += [proposal_row(r, lane.head.remap, vocab) for r in rows[i][: counts[i]]]
                 sampled = sampling_logprobs(row[: g + 1], lane.temp, lane.top_p)
-                accept, residual, bonus = verify_sampled(sampled, mx.array(proposed, mx.uint32), q)
+                accept, residual, bonus = verify_sampled(
+                    sampled, mx.array(proposed, mx.uint32), mx.stack(q) if g else None
+                )
                 mx.eval(accept, residual, bonus)
                 n = first_rejected(accept.tolist())
                 fix = int((residual[n] if n < g else bonus).item())
@@ -230,14 +251,19 @@ class SpecBatch:
                 fix = choice[n]
             out.append(Emitted(proposed[:n] + [fix], [logprobs[j] for j in range(n + 1)], n))
         give_back(self.target_cache, [width - e.accepted for e in out])
-        if passes:
-            fed = passes - 1  # drafts fed after each lane's pending tokens
-            give_back(self.draft_cache, [fed - min(e.accepted, fed) for e in out])
-            for lane, e in zip(lanes, out, strict=True):
-                lane.draft_pending = e.tokens[min(e.accepted, fed) :]
+        if passes:  # each lane's drafter took its copies and the drafts but the last after its pending tokens
+            fed = [len(c) + passes - 1 for c in copies]
+            give_back(self.draft_cache, [f - min(e.accepted, f) for e, f in zip(out, fed, strict=True)])
+            for lane, e, f in zip(lanes, out, fed, strict=True):
+                lane.draft_pending = e.tokens[min(e.accepted, f) :]
         else:
             for lane, e in zip(lanes, out, strict=True):
                 lane.draft_pending = lane.draft_pending + e.tokens
+        for lane, e, c in zip(lanes, out, copies, strict=True):
+            lane.stats.lookup_tokens += len(c)
+            if lane.lookup is not None:
+                lane.lookup.extend(e.tokens)
+        counts = [len(p) for p in proposals]
         for lane, e, g in zip(lanes, out, counts, strict=True):
             lane.target_pending = e.tokens[-1]
             lane.head.add(e.tokens)

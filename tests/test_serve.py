@@ -836,7 +836,9 @@ def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(
                 assert content(one) == target(body), "greedy replies are the target's own"
         assert alone[0]["speculation"]["draft_tokens"] > 0, "alone: speculative"
         moved = results[0]["speculation"]
-        assert 0 < moved["draft_tokens"] and moved["target_calls"] > alone[0]["speculation"]["target_calls"]
+        assert 0 < moved["draft_tokens"]
+        if batch_speculation == "off":  # one token per target call while the others ran
+            assert moved["target_calls"] > alone[0]["speculation"]["target_calls"]
         wait_for(lambda: not get(url, "/health")["busy"])
         health = get(url, "/health")
         assert health["moves"] >= 2, "requests moved into the batch and out of it"

@@ -29,11 +29,9 @@ def alone_greedy(target, prompt, n):
     return [int(t) for t, _ in generate_step(mx.array(prompt, mx.uint32), target, max_tokens=n)]
 
 
-def alone_rounds(target, drafter, prompt, n, gamma, threshold):
+def alone_rounds(target, drafter, prompt, n, setting):
     stats = SpecStats()
-    tokens = speculative_generate_step(
-        prompt, target, drafter, max_tokens=n, num_draft_tokens=gamma, draft_threshold=threshold, stats=stats
-    )
+    tokens = speculative_generate_step(prompt, target, drafter, max_tokens=n, stats=stats, **setting)
     return [int(t) for t, _, _ in tokens], stats
 
 
@@ -52,25 +50,26 @@ def drive(decoder, arrivals):
 
 
 @pytest.mark.parametrize("head", ["full", "trim+ctx"])
-@pytest.mark.parametrize("gamma,threshold", [(3, 0.0), (5, 0.4)])
-def test_each_sequence_makes_its_own_rounds_in_the_batch(pairs, head, gamma, threshold):
+@pytest.mark.parametrize("gamma,threshold,lookup", [(3, 0.0, 0), (5, 0.4, 0), (4, 0.0, 2)])
+def test_each_sequence_makes_its_own_rounds_in_the_batch(pairs, head, gamma, threshold, lookup):
     """Five sequences of different lengths decode together (the batch shrinks to one, which goes on
-    alone with the same setting): tokens, target calls, drafts and accepted drafts of each equal its
-    speculative decoding alone, so neither cache lost or kept an entry it should not have."""
+    alone with the same setting): tokens, target calls, drafts (copied or drafted) and accepted drafts of
+    each equal its speculative decoding alone, so neither cache lost or kept an entry it should not have."""
     target, drafters = pairs
     drafter = drafters[head]
-    setting = {"num_draft_tokens": gamma, "draft_threshold": threshold}
+    setting = {"num_draft_tokens": gamma, "draft_threshold": threshold, "lookup_ngram": lookup, "lookup_tokens": 3}
     decoder = Decoder(target, drafter, setting, eos=set(), schedule={n: (gamma, threshold) for n in range(2, 9)})
     seqs = [Sequence(p, 10 + 7 * i) for i, p in enumerate(PROMPTS)]
     modes = drive(decoder, [(0, s) for s in seqs])
     assert decoder.spec_rounds > 10 and decoder.batched_steps == 0
     assert ("speculative batch" in {m for _, m in modes}) and modes[-1][1] in ("alone", "idle")
     for seq in seqs:
-        tokens, stats = alone_rounds(target, drafter, seq.prompt, seq.max_tokens, gamma, threshold)
+        tokens, stats = alone_rounds(target, drafter, seq.prompt, seq.max_tokens, setting)
         assert seq.tokens == tokens == alone_greedy(target, seq.prompt, seq.max_tokens), seq.prompt
-        got = (seq.stats.target_calls, seq.stats.draft_tokens, seq.stats.accepted_tokens)
-        assert got == (stats.target_calls, stats.draft_tokens, stats.accepted_tokens), seq.prompt
+        got = (seq.stats.target_calls, seq.stats.draft_tokens, seq.stats.accepted_tokens, seq.stats.lookup_tokens)
+        assert got == (stats.target_calls, stats.draft_tokens, stats.accepted_tokens, stats.lookup_tokens), seq.prompt
     assert sum(s.stats.accepted_tokens for s in seqs) > 20, "drafts are accepted"
+    assert (sum(s.stats.lookup_tokens for s in seqs) > 10) == bool(lookup)
     if head == "trim+ctx":
         assert all(s.stats.context_rows > 0 for s in seqs)
 
@@ -129,19 +128,18 @@ def test_no_schedule_is_todays_decoder(pairs):
     assert decoder.spec_rounds == 0 and {m for n, m in modes if n == 2} == {"batch"}
 
 
-@pytest.mark.parametrize("kind", ["trim", "ctx"])
+@pytest.mark.parametrize("kind", ["trim", "ctx", "trim+lookup"])
 def test_sampled_sequences_in_a_batch_follow_the_target(kind):
     """10,000 tokens from batches of four unseeded sampled 12-token generations after PROMPT, a
     Markov target (test_sampling's): every transition follows mlx-lm's row for the token before
     it, with drafts accepted and rejected inside the batch."""
     target = markov_target("qwen2", seed=17)
-    drafter = make_drafter(kind, "qwen2", target, seed=18)
+    drafter = make_drafter(kind.split("+")[0], "qwen2", target, seed=18)
+    setting = {"num_draft_tokens": 3} | ({"lookup_ngram": 1, "lookup_tokens": 2} if "lookup" in kind else {})
     counts = np.zeros((5, 5), np.int64)
-    batched = accepted = drafted = 0
+    batched = accepted = drafted = copied = 0
     while counts.sum() < DRAWS:
-        decoder = Decoder(
-            target, drafter, {"num_draft_tokens": 3}, eos=set(), schedule={n: (3, 0.0) for n in (2, 3, 4)}
-        )
+        decoder = Decoder(target, drafter, setting, eos=set(), schedule={n: (3, 0.0) for n in (2, 3, 4)})
         seqs = [Sequence(PROMPT, 12, temp=1.0) for _ in range(4)]
         drive(decoder, [(0, s) for s in seqs])
         batched += decoder.spec_rounds
@@ -152,8 +150,10 @@ def test_sampled_sequences_in_a_batch_follow_the_target(kind):
                 previous = token
             accepted += seq.stats.accepted_tokens
             drafted += seq.stats.draft_tokens
+            copied += seq.stats.lookup_tokens
     assert_rows_match(counts, markov_rows(target, 1.0, 1.0))
     assert batched > DRAWS // 20 and 0.1 < accepted / drafted < 0.9
+    assert (copied > DRAWS // 10) == ("lookup" in kind)
 
 
 def costs_of(verify, draft) -> BatchCosts:
