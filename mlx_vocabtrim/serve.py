@@ -519,8 +519,9 @@ def default_kv_limit(models: list) -> int:
 
 class Engine:
     """The models, their KV caches and the queue in front of them; `work` decodes up to `max_batch`
-    requests together (`batch.Decoder`: speculative while a request is alone, batched while others
-    run), in the thread that loaded the models; waiting requests join in arrival order. A joining
+    requests together (`batch.Decoder`: speculative while a request is alone, in a speculative or a
+    plain batch while others run), in the thread that loaded the models; waiting requests join in
+    arrival order (while their KV memory fits under `max_kv_bytes`). A joining
     request's prompt is prefilled one pass per step (others' tokens keep coming; a cancel stops it
     between passes)."""
 
@@ -1509,7 +1510,7 @@ def connection_cap(wanted: int) -> int:
 @count_option(
     "--max-batch",
     8,
-    "Requests decoded together (speculative while one runs alone, batched while several do).",
+    "Requests decoded together (speculative alone; several: a speculative or plain batch, see --batch-speculation).",
 )
 @click.option(
     "--max-kv-memory",
@@ -1577,7 +1578,7 @@ def serve(
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     on the speculative generator: lossless; up to --max-batch requests decode together, speculative
-    while one runs alone."""
+    alone and inside batches where the pair's profile measured that it pays."""
     import uvicorn
 
     from .checks import parse_batch_schedule

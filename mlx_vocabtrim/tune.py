@@ -406,10 +406,16 @@ def measure_costs(
 @dataclass
 class BatchCosts:
     """Measured seconds per batch size: a target pass over n tokens of every sequence, one drafter step
-    of every sequence."""
+    of every sequence, and what a whole round costs beyond its passes (the per-sequence work between
+    them: acceptance, rolling the caches)."""
 
     verify: dict[int, dict[int, float]]
     draft: dict[int, float]
+    overhead: dict[int, float]
+
+    def t_overhead(self, size: int) -> float:
+        sizes = sorted(self.overhead)
+        return float(np.interp(size, sizes, [self.overhead[b] for b in sizes]))
 
     def t_verify(self, size: int, n: int) -> float:
         sizes = sorted(self.verify)
@@ -420,9 +426,10 @@ class BatchCosts:
         return float(np.interp(size, sizes, [self.draft[b] for b in sizes]))
 
 
-def _time_batch(model: nn.Module, batch: "SpecBatch", context: list[int], widths: int) -> tuple[dict, float]:
+def _time_batch(model: nn.Module, batch: "SpecBatch", context: list[int], widths: int) -> tuple[dict, float, float]:
     """(seconds of a target pass over n = 1..`widths` tokens of every sequence, of a drafter step of every
-    sequence) for `batch`, entries given back after each call."""
+    sequence, of a whole round of 2 drafts beyond those passes) for `batch`, entries given back after each
+    pass (a round keeps what it accepted: a few tokens per call)."""
     size = len(batch)
 
     def target_pass(x: mx.array) -> mx.array:
@@ -441,7 +448,14 @@ def _time_batch(model: nn.Module, batch: "SpecBatch", context: list[int], widths
     for n in range(1, widths + 1):
         x = mx.array([(context * n)[:n]] * size, mx.uint32)
         verify[n] = _timed(lambda x=x: target_pass(x), f"a target pass over {n} tokens of {size} sequences", 3)
-    return verify, _timed(draft_step, f"a drafter step of {size} sequences", 3)
+
+    def whole_round() -> mx.array:
+        batch.round([2] * size)
+        return mx.array(0)
+
+    draft = _timed(draft_step, f"a drafter step of {size} sequences", 3)
+    whole = _timed(whole_round, f"a round of {size} sequences", 3)
+    return verify, draft, max(whole - verify[min(3, widths)] - 2 * draft, 0.0)
 
 
 def measure_batch_costs(
@@ -453,7 +467,7 @@ def measure_batch_costs(
     target_cache, draft_cache = make_prompt_cache(model), make_prompt_cache(drafter)
     _prefill(model, target_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
     _prefill(drafter, draft_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
-    verify, draft = {}, {}
+    verify, draft, overhead = {}, {}, {}
     for size in sizes:
         batch = SpecBatch(model, drafter)
         for _ in range(size):
@@ -461,11 +475,11 @@ def measure_batch_costs(
             if head.full is not None:
                 head.add([i for i in range(head.full.weight.shape[0]) if i not in head.kept][:CONTEXT_ROWS_TIMED])
             batch.join(Lane(context[-1], context[-1:], head), target_cache, draft_cache)
-        verify[size], draft[size] = _time_batch(model, batch, context, widths)
+        verify[size], draft[size], overhead[size] = _time_batch(model, batch, context, widths)
         slowest = 0.0
         for n in sorted(verify[size]):  # more tokens never cost less: remaining noise evened out upwards
             slowest = verify[size][n] = max(slowest, verify[size][n])
-    return BatchCosts(verify, draft)
+    return BatchCosts(verify, draft, overhead)
 
 
 def batched_setting(setting: Setting, gamma: int) -> Setting:
@@ -483,11 +497,15 @@ def batched_setting(setting: Setting, gamma: int) -> Setting:
 def batch_schedule(costs: BatchCosts, taus: dict[int, float], largest: int) -> dict:
     """Per batch size 2..`largest`: aggregate tokens/s predicted for the plain batch and for a speculative
     batch at each draft length (every sequence accepting as the tuning answers did: tokens per round
-    `taus[g]`), and the choice: the draft length (threshold 0) where speculation is faster, else None."""
+    `taus[g]`; a round costs its passes plus the measured overhead), and the choice: the draft length
+    (threshold 0) where speculation is faster, else None."""
     out = {}
     for size in range(2, largest + 1):
         plain = size / costs.t_verify(size, 1)
-        rates = {g: size * tau / (costs.t_verify(size, g + 1) + g * costs.t_draft(size)) for g, tau in taus.items()}
+        extra = costs.t_overhead(size)
+        rates = {
+            g: size * tau / (costs.t_verify(size, g + 1) + g * costs.t_draft(size) + extra) for g, tau in taus.items()
+        }
         best = max(rates, key=rates.get)
         out[size] = {
             "plain_tokens_per_s": plain,
@@ -543,6 +561,7 @@ def tune(
             "taus": taus,
             "verify": measured.verify,
             "draft": measured.draft,
+            "overhead": measured.overhead,
             "sizes": plan,
             "schedule": {size: row["choice"] for size, row in plan.items()},
         }

@@ -156,9 +156,13 @@ def test_sampled_sequences_in_a_batch_follow_the_target(kind):
     assert (copied > DRAWS // 10) == ("lookup" in kind)
 
 
-def costs_of(verify, draft) -> BatchCosts:
+def costs_of(verify, draft, overhead=lambda b: 0.0) -> BatchCosts:
     sizes = (2, 3, 4, 6, 8)
-    return BatchCosts({b: {n: verify(b, n) for n in range(1, 7)} for b in sizes}, {b: draft(b) for b in sizes})
+    return BatchCosts(
+        {b: {n: verify(b, n) for n in range(1, 7)} for b in sizes},
+        {b: draft(b) for b in sizes},
+        {b: overhead(b) for b in sizes},
+    )
 
 
 TAUS = {1: 1.8, 2: 2.4, 3: 2.8, 4: 3.0, 5: 3.1}
@@ -179,10 +183,16 @@ def test_the_schedule_speculates_where_the_costs_make_it_pay():
     g = row["choice"][0]
     assert row["speculative_tokens_per_s"][g] == pytest.approx(2 * TAUS[g] / (0.28 + 0.12 * (g + 1) + g * 0.11))
     assert row["plain_tokens_per_s"] == pytest.approx(2 / 0.4)
+    # a round's own overhead counts: 0.3 s of it per round and speculation pays at no size here
+    costly = batch_schedule(
+        costs_of(lambda b, n: 0.28 + 0.06 * b * n, lambda b: 0.06 + 0.025 * b, lambda b: 0.3), TAUS, 8
+    )
+    assert all(costly[b]["choice"] is None for b in range(2, 9))
 
 
 def test_the_batch_passes_are_timed_per_size(pairs):
     target, drafters = pairs
     costs = measure_batch_costs(target, drafters["trim+ctx"], True, PROMPTS[2], (2, 4), 4)
     assert sorted(costs.verify) == [2, 4] and sorted(costs.verify[2]) == [1, 2, 3, 4] and all(costs.draft.values())
+    assert sorted(costs.overhead) == [2, 4] and all(t >= 0 for t in costs.overhead.values())
     assert costs.t_verify(3, 2) == pytest.approx((costs.verify[2][2] + costs.verify[4][2]) / 2)
