@@ -65,8 +65,6 @@ class Setup:
             if name in self.sources
         ]
         lines.append("Settings: " + ", ".join(parts))
-        if self.drafter is not None:
-            lines.append(f"Batch speculation: {describe_schedule(self.schedule)}")
         return lines
 
 

@@ -1582,7 +1582,7 @@ def serve(
     import uvicorn
 
     from .checks import parse_batch_schedule
-    from .resolve import context_length, load_for
+    from .resolve import context_length, describe_schedule, load_for
 
     schedule = parse_batch_schedule(batch_speculation)
     if max_kv_memory is not None and not 0 < max_kv_memory < math.inf:
@@ -1618,6 +1618,8 @@ def serve(
         if verbose:
             for line in setup.describe():
                 click.echo(line)
+            if setup.drafter is not None:
+                click.echo(f"Batch speculation: {describe_schedule(setup.schedule)}")
         given = model or DEFAULT_TARGET
         names = tuple(dict.fromkeys((model_id(given), ALIAS, given)))  # the id first; requests may use any
         models = [m for m in (setup.target, setup.drafter) if m is not None]

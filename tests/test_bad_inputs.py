@@ -147,6 +147,13 @@ def bench_args(env: Env, *extra: str, questions: Path | None = None, out: Path |
     ]
 
 
+def serve(*extra: str, message: str) -> Callable[[Env], Case]:
+    return lambda env: Case(["serve", "--model", env.unused_model, *extra], message)
+
+
+SCHEDULE = "--batch-speculation '{}' is not auto, off or SIZES:DRAFTS entries"
+
+
 def bench(*extra: str, message: str) -> Callable[[Env], Case]:
     return lambda env: Case(bench_args(env, *extra), message)
 
@@ -469,6 +476,13 @@ ROWS: dict[str, Callable[[Env], Case]] = {
                                                "--read-timeout 0 is out of range: use 1 or more"),
     "serve --max-connections 0": lambda env: Case(["serve", "--model", env.unused_model, "--max-connections", "0"],
                                                   "--max-connections 0 is out of range: use 1 or more"),
+    "serve --batch-speculation 1:2": serve("--batch-speculation", "1:2", message=SCHEDULE.format("1:2")),
+    "serve --batch-speculation 2-x": serve("--batch-speculation", "2-x", message=SCHEDULE.format("2-x")),
+    "serve --max-kv-memory 0": serve("--max-kv-memory", "0", message="--max-kv-memory 0.0 is not a positive number"),
+    "serve --max-kv-memory inf": serve("--max-kv-memory", "inf", message="--max-kv-memory inf is not a positive"),
+    "bench-serve --batch-speculation 9": lambda env: Case(
+        ["bench-serve", "--model", env.unused_model, "--batch-speculation", "9"], SCHEDULE.format("9")
+    ),
 }
 # fmt: on
 
