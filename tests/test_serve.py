@@ -892,6 +892,7 @@ def test_a_client_that_disconnects_cancels_its_request(server, log, target):
         if extra:
             response = conn.getresponse()
             job_id = json.loads(response.readline().decode().removeprefix("data: "))["id"]
+            wait_for(lambda: get(server, "/health")["busy"])  # decoding, not still queued (a loaded machine)
             response.close()
         else:
             wait_for(lambda: get(server, "/health")["busy"])
