@@ -28,7 +28,7 @@ from .heads import DraftHead
 from .lookup import PromptLookup
 from .rollback import check_rollback
 from .spec_batch import Lane, SpecBatch, batchable
-from .speculative import SpecStats, _prefill, bias_vector, sampling_logprobs, speculative_generate_step
+from .speculative import SpecStats, _catch_up, bias_vector, sampling_logprobs, speculative_generate_step
 from .trim import head_rows
 
 
@@ -289,9 +289,7 @@ class Decoder:
     def _caught_up(self, model: nn.Module, cache: list | None, history: list[int]) -> list:
         """`cache` (made when None) fed all of `history` but its last token."""
         cache = make_prompt_cache(model) if cache is None else cache
-        held = cache[0].offset if cache else 0
-        if held < len(history) - 1:
-            _prefill(model, cache, mx.array(history[held:-1], mx.uint32), self.prefill_step)
+        _catch_up(model, cache, history[cache[0].offset if cache else 0 :], self.prefill_step)
         return cache
 
     def _join_lanes(self, seq: Sequence) -> None:
