@@ -85,9 +85,12 @@ def check_lookup(ngram: int, tokens: int) -> None:
     check_count(tokens, "--lookup-tokens", 1, MAX_DRAFT_TOKENS)
 
 
+MAX_BATCH_SIZE = 1024  # batch sizes --batch-speculation may name
+
+
 def parse_batch_schedule(text: str) -> dict[int, tuple[int, float]] | None:
     """--batch-speculation: 'auto' (None: the pair's profile), 'off' ({}), or batch sizes and draft
-    lengths such as '2-4:2,5:1' (each size from 2, drafts of fixed length)."""
+    lengths such as '2-4:2,5:1' (sizes 2 to MAX_BATCH_SIZE, drafts of fixed length)."""
     value = text.strip().lower()
     if value == "auto":
         return None
@@ -99,7 +102,7 @@ def parse_batch_schedule(text: str) -> dict[int, tuple[int, float]] | None:
             sizes, drafts = part.split(":")
             low, _, high = sizes.partition("-")
             first, last = int(low), int(high or low)
-            if not 2 <= first <= last or int(drafts) < 1:
+            if not 2 <= first <= last <= MAX_BATCH_SIZE or not 1 <= int(drafts) <= MAX_DRAFT_TOKENS:
                 raise ValueError(part)
             schedule.update({size: (int(drafts), 0.0) for size in range(first, last + 1)})
     except ValueError:

@@ -478,6 +478,10 @@ ROWS: dict[str, Callable[[Env], Case]] = {
                                                   "--max-connections 0 is out of range: use 1 or more"),
     "serve --batch-speculation 1:2": serve("--batch-speculation", "1:2", message=SCHEDULE.format("1:2")),
     "serve --batch-speculation 2-x": serve("--batch-speculation", "2-x", message=SCHEDULE.format("2-x")),
+    "serve --batch-speculation 2-99999999:1": serve(
+        "--batch-speculation", "2-99999999:1", message=SCHEDULE.format("2-99999999:1")
+    ),
+    "serve --batch-speculation 2:65": serve("--batch-speculation", "2:65", message=SCHEDULE.format("2:65")),
     "serve --max-kv-memory 0": serve("--max-kv-memory", "0", message="--max-kv-memory 0.0 is not a positive number"),
     "serve --max-kv-memory inf": serve("--max-kv-memory", "inf", message="--max-kv-memory inf is not a positive"),
     "bench-serve --batch-speculation 9": lambda env: Case(
