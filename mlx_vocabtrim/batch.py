@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from .heads import DraftHead
 from .lookup import PromptLookup
@@ -131,16 +131,17 @@ class Decoder:
         self.sequences: list[Sequence] = []
         self.by_uid: dict[int, Sequence] = {}
         self.vocab = head_rows(target)  # ids the target scores: the bias vector's length
-        self.trimmable = all(type(c) is KVCache for c in make_prompt_cache(target))
+        target_layers = make_prompt_cache(target)
+        draft_layers = make_prompt_cache(drafter) if drafter is not None else []
+        self.trimmable = batchable(target_layers)  # plain KV caches: they give back entries per sequence
         self.schedule = {n: s for n, s in (schedule or {}).items() if s and s[0] > 0}
-        if drafter is None or not batchable(make_prompt_cache(target)) or not batchable(make_prompt_cache(drafter)):
-            self.schedule = {}  # only plain KV caches give back entries per sequence
+        if not (self.trimmable and batchable(draft_layers)):
+            self.schedule = {}
         self.lanes = SpecBatch(target, drafter) if self.schedule else None
         self.speculative_steps = self.spec_rounds = self.batched_steps = self.moves = 0
         if self.speculate:
-            check_rollback(make_prompt_cache(target), "target")
-            if drafter is not None:
-                check_rollback(make_prompt_cache(drafter), "drafter")
+            check_rollback(target_layers, "target")
+            check_rollback(draft_layers, "drafter")
 
     def add(self, seq: Sequence, target_cache: list | None = None, draft_cache: list | None = None) -> None:
         """Start decoding `seq`; caches may hold a prefix of its prompt (all of the prompt but its
