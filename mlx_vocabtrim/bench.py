@@ -679,7 +679,7 @@ def _save_profile(result: dict, model: str, draft_model: str, target, paths, voc
     }
     batch = result.get("batch")
     if batch:
-        measured["batch"] = {k: batch[k] for k in ("taus", "verify", "draft", "overhead", "sizes")}
+        measured["batch"] = {k: batch[k] for k in ("taus", "plain", "rounds", "sizes")}
     schedule = batch["schedule"] if batch else None
     return save_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]), setting, measured, out, schedule)
 

@@ -517,11 +517,16 @@ def default_kv_limit(models: list) -> int:
     return max(int(0.75 * memory) - weights, 0)
 
 
+ADMIT_WAIT = 0.05  # seconds an idle engine waits for requests sent together with the first
+
+
 class Engine:
     """The models, their KV caches and the queue in front of them; `work` decodes up to `max_batch`
     requests together (`batch.Decoder`: speculative while a request is alone, in a speculative or a
     plain batch while others run), in the thread that loaded the models; waiting requests join in
-    arrival order (while their KV memory fits under `max_kv_bytes`). A joining
+    arrival order (while their KV memory fits under `max_kv_bytes`; an idle engine waits `admit_wait`
+    seconds after a request for others sent with it, so that they start in one batch instead of the
+    first one speculating alone, drafter prefill and all, before the others join). A joining
     request's prompt is prefilled one pass per step (others' tokens keep coming; a cancel stops it
     between passes)."""
 
@@ -534,6 +539,7 @@ class Engine:
         prefill_step: int = 512,
         verbose: bool = False,
         max_kv_bytes: int | None = None,
+        admit_wait: float = ADMIT_WAIT,
     ):
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -541,7 +547,7 @@ class Engine:
         from .vocab import real_size
 
         self.setup, self.max_queue, self.max_batch, self.step = setup, max_queue, max_batch, prefill_step
-        self.verbose = verbose
+        self.verbose, self.admit_wait = verbose, admit_wait
         self.models = [m for m in (setup.target, setup.drafter) if m is not None]
         self.counts = [len(make_prompt_cache(m)) for m in self.models]  # each model's layers in a cache
         self.reusable = all(type(c) is KVCache for c in self.layers())  # others (rotating, quantized) cannot go back
@@ -668,6 +674,10 @@ class Engine:
                     self.cond.wait()
                 if self.stopping:
                     return
+                if not self.active and not self.prefilling:  # idle: requests sent together start together
+                    deadline = time.monotonic() + self.admit_wait
+                    while (left := deadline - time.monotonic()) > 0 and not self.stopping:
+                        self.cond.wait(left)
                 started = []
                 reserved = self.kv_reserved()
                 while self.waiting and len(self.active) + len(self.prefilling) + len(started) < self.max_batch:

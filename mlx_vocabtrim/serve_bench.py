@@ -6,7 +6,9 @@ the same greedy chat requests (Spec-Bench first turns, categories in turn), stre
 level of concurrency N, N clients each send one distinct question at once; per server and level:
 aggregate tokens/s (all completion tokens over the wall time of the pass), each request's latency
 (median and p95) and time to its first token (median), and the outputs unlike the target's own
-greedy decoding (unless --no-check-target). Levels repeat `--repeats` times, each figure a median.
+greedy decoding (unless --no-check-target). Levels repeat `--repeats` times, each figure a median;
+each repeat runs every server in turn (on a machine whose speed drifts, passes of one server are not
+all at one time).
 """
 
 import json
@@ -369,27 +371,30 @@ def bench_serve(
             click.echo("target alone: decoding every question for the comparison", err=True)
             target = target_texts(model, prompts, max_tokens)
             log({"target": target})
-        done = {(e["server"], e["clients"]): e for e in entries if "server" in e}
-        for name, command in commands.items():
-            todo = [level for level in levels if (name, level) not in done]
-            if not todo:
-                continue
-            port = free_port()
-            log_path = report_path.parent / f"{name.replace(' ', '_').replace('-', '')}.log"
-            with running(name, [*command, "--port", str(port)], port, log_path) as url:
-                ask(url, prompts[0], min(8, max_tokens))  # warm-up: mlx_lm.server loads its models on first use
-                for level in todo:
-                    click.echo(f"{name}: {level} clients at once, {repeats} pass(es)", err=True)
-                    passes = [ask_all(url, prompts[:level], max_tokens) for _ in range(repeats)]
-                    entry = {"server": name, "clients": level, "passes": passes}
-                    log(entry)
-                    done[(name, level)] = entry
+        done: dict[tuple[str, int], list] = {(name, level): [] for name in commands for level in levels}
+        for e in entries:
+            if "server" in e:
+                done[(e["server"], e["clients"])] += e["passes"]
+        for repeat in range(repeats):  # each repeat runs every server in turn: a machine that drifts hits all
+            for name, command in commands.items():
+                todo = [level for level in levels if len(done[(name, level)]) <= repeat]
+                if not todo:
+                    continue
+                port = free_port()
+                log_path = report_path.parent / f"{name.replace(' ', '_').replace('-', '')}.log"
+                with running(name, [*command, "--port", str(port)], port, log_path) as url:
+                    ask(url, prompts[0], min(8, max_tokens))  # warm-up: mlx_lm.server loads its models on first use
+                    for level in todo:
+                        click.echo(f"{name}: {level} clients at once, pass {repeat + 1} of {repeats}", err=True)
+                        answers = ask_all(url, prompts[:level], max_tokens)
+                        log({"server": name, "clients": level, "passes": [answers]})
+                        done[(name, level)].append(answers)
         summary: dict[str, dict] = {}
         records = []
         for name in commands:
             summary[name] = {}
             for level in levels:
-                passes = [(answers, wall) for answers, wall in done[(name, level)]["passes"]]
+                passes = [(answers, wall) for answers, wall in done[(name, level)][:repeats]]
                 summary[name][str(level)] = level_figures(passes, target[:level] if target else None)
                 records += [
                     {"server": name, "clients": level, "pass": n, "question_id": q["question_id"], **r}

@@ -76,14 +76,16 @@ def give_back(cache: list, drop: list[int]) -> None:
 
 
 def _compact(cache: list) -> None:
-    """Cut the padding every sequence has on the left (it grows as sequences reject differently)."""
+    """Cut the padding every sequence has on the left (it grows as sequences reject differently; every
+    layer holds the same padding, so it is read once)."""
+    cut = min(cache[0].left_padding.tolist())
+    if cut <= 0:
+        return
     for layer in cache:
-        cut = min(layer.left_padding.tolist())
-        if cut > 0:
-            layer.keys = layer.keys[..., cut:, :]
-            layer.values = layer.values[..., cut:, :]
-            layer._idx -= cut
-            layer.left_padding = layer.left_padding - cut
+        layer.keys = layer.keys[..., cut:, :]
+        layer.values = layer.values[..., cut:, :]
+        layer._idx -= cut
+        layer.left_padding = layer.left_padding - cut
 
 
 class SpecBatch:
@@ -228,9 +230,11 @@ class SpecBatch:
             mx.uint32,
         )
         logits = self.target(x, cache=self.target_cache)
+        biased = [logits[i] if lane.bias is None else logits[i] + lane.bias for i, lane in enumerate(lanes)]
+        greedy = mx.stack([mx.argmax(row, axis=-1) for row in biased]).tolist()  # one wait for every lane
         out = []
         for i, lane in enumerate(lanes):
-            row = logits[i] if lane.bias is None else logits[i] + lane.bias
+            row = biased[i]
             logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
             proposed = proposals[i]
             g = len(proposed)
@@ -246,7 +250,7 @@ class SpecBatch:
                 n = first_rejected(accept.tolist())
                 fix = int((residual[n] if n < g else bonus).item())
             else:
-                choice = mx.argmax(row[: g + 1], axis=-1).tolist()
+                choice = greedy[i][: g + 1]
                 n = first_rejected([d == t for d, t in zip(proposed, choice[:-1], strict=True)])
                 fix = choice[n]
             out.append(Emitted(proposed[:n] + [fix], [logprobs[j] for j in range(n + 1)], n))

@@ -403,71 +403,82 @@ def measure_costs(
     return Costs(verify, draft, {n: max(t - base, 0.0) for n, t in feed.items()})
 
 
+BATCH_MARGIN = 1.1  # the predicted gain a speculative batch must show over the plain one
+
+
 @dataclass
 class BatchCosts:
-    """Measured seconds per batch size: a target pass over n tokens of every sequence, one drafter step
-    of every sequence, and what a whole round costs beyond its passes (the per-sequence work between
-    them: acceptance, rolling the caches)."""
+    """Measured seconds per batch size: a plain step (a target pass over one token of every sequence)
+    and a whole speculative round at each draft length (the drafter steps, the target pass, acceptance
+    and rolling the caches back: everything a round of the batch runs, its Python work included)."""
 
-    verify: dict[int, dict[int, float]]
-    draft: dict[int, float]
-    overhead: dict[int, float]
+    plain: dict[int, float]
+    rounds: dict[int, dict[int, float]]
 
-    def t_overhead(self, size: int) -> float:
-        sizes = sorted(self.overhead)
-        return float(np.interp(size, sizes, [self.overhead[b] for b in sizes]))
+    def t_plain(self, size: int) -> float:
+        sizes = sorted(self.plain)
+        return float(np.interp(size, sizes, [self.plain[b] for b in sizes]))
 
-    def t_verify(self, size: int, n: int) -> float:
-        sizes = sorted(self.verify)
-        return float(np.interp(size, sizes, [self.verify[b][n] for b in sizes]))
-
-    def t_draft(self, size: int) -> float:
-        sizes = sorted(self.draft)
-        return float(np.interp(size, sizes, [self.draft[b] for b in sizes]))
+    def t_round(self, size: int, gamma: int) -> float:
+        sizes = sorted(self.rounds)
+        return float(np.interp(size, sizes, [self.rounds[b][gamma] for b in sizes]))
 
 
-def _time_batch(model: nn.Module, batch: "SpecBatch", context: list[int], widths: int) -> tuple[dict, float, float]:
-    """(seconds of a target pass over n = 1..`widths` tokens of every sequence, of a drafter step of every
-    sequence, of a whole round of 2 drafts beyond those passes) for `batch`, entries given back after each
-    pass (a round keeps what it accepted: a few tokens per call)."""
+def _time_batch(
+    model: nn.Module, batch: "SpecBatch", context: list[int], gammas: Sequence[int], repeats: int = 3, tries: int = 3
+) -> tuple[float, dict[int, float]]:
+    """(seconds of a plain step, of a whole round at each draft length in `gammas`) for `batch`: the
+    fastest of `repeats` timings, taken in turn (plain step, then each round, then again), so that a
+    machine whose speed drifts slows every choice alike. Timings whose repeats disagree (see `_timed`)
+    are taken again, `tries` times in all, then refused."""
     size = len(batch)
+    one = mx.array([context[-1:]] * size, mx.uint32)
 
-    def target_pass(x: mx.array) -> mx.array:
-        out = model(x, cache=batch.target_cache)
-        mx.eval(out)
-        give_back(batch.target_cache, [x.shape[1]] * size)
-        return out
+    def plain_step() -> None:
+        mx.eval(model(one, cache=batch.target_cache))
+        give_back(batch.target_cache, [1] * size)
 
-    def draft_step() -> mx.array:
-        out = batch.draft_pass([context[-1:]] * size)
-        mx.eval(out)
-        give_back(batch.draft_cache, [1] * size)
-        return out[0]
+    def whole_round(gamma: int) -> None:
+        batch.round([gamma] * size)
 
-    verify = {}
-    for n in range(1, widths + 1):
-        x = mx.array([(context * n)[:n]] * size, mx.uint32)
-        verify[n] = _timed(lambda x=x: target_pass(x), f"a target pass over {n} tokens of {size} sequences", 3)
-
-    def whole_round() -> mx.array:
-        batch.round([2] * size)
-        return mx.array(0)
-
-    draft = _timed(draft_step, f"a drafter step of {size} sequences", 3)
-    whole = _timed(whole_round, f"a round of {size} sequences", 3)
-    return verify, draft, max(whole - verify[min(3, widths)] - 2 * draft, 0.0)
+    steps = {0: plain_step} | {g: lambda g=g: whole_round(g) for g in gammas}
+    for step in steps.values():  # warm
+        step()
+    for _ in range(tries):
+        times: dict[int, list[float]] = {g: [] for g in steps}
+        for _ in range(repeats):
+            for g, step in steps.items():
+                mx.synchronize()
+                tic = time.perf_counter()
+                step()
+                mx.eval([c.state for c in batch.target_cache + batch.draft_cache])
+                times[g].append(time.perf_counter() - tic)
+        disturbed = [g for g, t in times.items() if float(np.median(t)) > SPREAD * min(t) + SLACK]
+        if not disturbed:
+            fastest = {g: min(t) for g, t in times.items()}
+            return fastest.pop(0), fastest
+    what = "a plain step" if disturbed[0] == 0 else f"a round of {disturbed[0]} drafts"
+    raise VocabTrimError(
+        f"timing {what} of {size} sequences is disturbed by other work ({min(times[disturbed[0]]) * 1e3:.1f} to "
+        f"{float(np.median(times[disturbed[0]])) * 1e3:.1f} ms over repeats): tune on an idle machine"
+    )
 
 
 def measure_batch_costs(
-    model: nn.Module, drafter: nn.Module, context_head: bool, context: list[int], sizes: Sequence[int], widths: int
+    model: nn.Module,
+    drafter: nn.Module,
+    context_head: bool,
+    context: list[int],
+    sizes: Sequence[int],
+    gammas: Sequence[int],
 ) -> BatchCosts:
-    """Time, for each batch size, the target over 1..`widths` tokens of every sequence and one drafter
-    step of every sequence (the speculative batch's own passes, `spec_batch`), each sequence after
-    `context`, with the context rows of a context head as `measure_costs` times them."""
+    """Time, for each batch size, a plain step and a whole speculative round (`spec_batch`) at each of
+    `gammas` drafts, each sequence after `context`, with the context rows of a context head as
+    `measure_costs` times them."""
     target_cache, draft_cache = make_prompt_cache(model), make_prompt_cache(drafter)
     _prefill(model, target_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
     _prefill(drafter, draft_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
-    verify, draft, overhead = {}, {}, {}
+    plain, rounds = {}, {}
     for size in sizes:
         batch = SpecBatch(model, drafter)
         for _ in range(size):
@@ -475,11 +486,8 @@ def measure_batch_costs(
             if head.full is not None:
                 head.add([i for i in range(head.full.weight.shape[0]) if i not in head.kept][:CONTEXT_ROWS_TIMED])
             batch.join(Lane(context[-1], context[-1:], head), target_cache, draft_cache)
-        verify[size], draft[size], overhead[size] = _time_batch(model, batch, context, widths)
-        slowest = 0.0
-        for n in sorted(verify[size]):  # more tokens never cost less: remaining noise evened out upwards
-            slowest = verify[size][n] = max(slowest, verify[size][n])
-    return BatchCosts(verify, draft, overhead)
+        plain[size], rounds[size] = _time_batch(model, batch, context, gammas)
+    return BatchCosts(plain, rounds)
 
 
 def batched_setting(setting: Setting, gamma: int) -> Setting:
@@ -497,20 +505,19 @@ def batched_setting(setting: Setting, gamma: int) -> Setting:
 def batch_schedule(costs: BatchCosts, taus: dict[int, float], largest: int) -> dict:
     """Per batch size 2..`largest`: aggregate tokens/s predicted for the plain batch and for a speculative
     batch at each draft length (every sequence accepting as the tuning answers did: tokens per round
-    `taus[g]`; a round costs its passes plus the measured overhead), and the choice: the draft length
-    (threshold 0) where speculation is faster, else None."""
+    `taus[g]` in the measured time of a whole round), and the choice: the draft length
+    (threshold 0) where speculation is predicted at least `BATCH_MARGIN` faster, else None (plain
+    batching: a wrong choice of speculation is slower than mlx-lm's batch, a wrong choice of plain only
+    forgoes a gain, and timings here vary by more than the smaller predicted gains)."""
     out = {}
     for size in range(2, largest + 1):
-        plain = size / costs.t_verify(size, 1)
-        extra = costs.t_overhead(size)
-        rates = {
-            g: size * tau / (costs.t_verify(size, g + 1) + g * costs.t_draft(size) + extra) for g, tau in taus.items()
-        }
+        plain = size / costs.t_plain(size)
+        rates = {g: size * tau / costs.t_round(size, g) for g, tau in taus.items()}
         best = max(rates, key=rates.get)
         out[size] = {
             "plain_tokens_per_s": plain,
             "speculative_tokens_per_s": rates,
-            "choice": [best, 0.0] if rates[best] > plain else None,
+            "choice": [best, 0.0] if rates[best] > plain * BATCH_MARGIN else None,
         }
     return out
 
@@ -555,13 +562,12 @@ def tune(
         chosen = Setting.of(best)
         head = drafters[chosen.k] if chosen.k in drafters else drafter
         taus = {g: predict(traces, batched_setting(chosen, g), costs, lookups)["expected_tau"] for g in BATCH_GAMMAS}
-        measured = measure_batch_costs(model, head, chosen.context_head, prompts[0], batch_sizes, max(BATCH_GAMMAS) + 1)
+        measured = measure_batch_costs(model, head, chosen.context_head, prompts[0], batch_sizes, BATCH_GAMMAS)
         plan = batch_schedule(measured, taus, max(batch_sizes))
         batch = {
             "taus": taus,
-            "verify": measured.verify,
-            "draft": measured.draft,
-            "overhead": measured.overhead,
+            "plain": measured.plain,
+            "rounds": measured.rounds,
             "sizes": plan,
             "schedule": {size: row["choice"] for size, row in plan.items()},
         }

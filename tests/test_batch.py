@@ -77,6 +77,19 @@ def test_speculation_stops_while_others_run_and_resumes(pair):
     assert first.tokens == alone(target, first.prompt, 30)
 
 
+def test_a_sequence_left_alone_near_its_end_finishes_plainly(pair):
+    """Left alone after decoding in the batch, a sequence speculates again only where its remaining
+    tokens pay for feeding its drafter what it missed: near its end it finishes in the batch of one (no
+    drafts), far from it it drafts again; both outputs are the target's."""
+    target, drafter = pair
+    for max_tokens, speculates in ((6, False), (40, True)):
+        decoder = Decoder(target, drafter, SETTING, eos=set())  # no schedule: two sequences decode plainly
+        first, second = Sequence(PROMPTS[2], max_tokens), Sequence(PROMPTS[0], 3)
+        run(decoder, [(0, first), (0, second)])
+        assert first.tokens == alone(target, PROMPTS[2], max_tokens)
+        assert first.batched_tokens >= 3 and bool(first.speculative_tokens) == speculates, max_tokens
+
+
 def test_batch_generate_is_each_prompt_alone(pair):
     target, drafter = pair
 

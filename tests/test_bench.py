@@ -260,7 +260,7 @@ def test_auto_tunes_ours_and_the_baseline_then_saves_a_profile(model_dirs, bench
     assert Path(path).parent == tmp_path / "cache" / "profiles"
     # batches: passes timed per size, a choice per size 2..8 in the profile, read back by resolve
     batch = tuned["batch"]
-    assert sorted(int(b) for b in batch["verify"]) == [2, 3, 4, 6, 8] and sorted(map(int, batch["taus"])) == [
+    assert sorted(int(b) for b in batch["plain"]) == [2, 3, 4, 6, 8] and sorted(map(int, batch["taus"])) == [
         1,
         2,
         3,

@@ -804,7 +804,8 @@ def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(
         alone = [post(url, "/v1/completions" if "prompt" in b else "/v1/chat/completions", b)[1] for b in bodies]
         first = open_request(url, "/v1/chat/completions", {**bodies[0], "stream": True})
         first_reply = first.getresponse()
-        first_reply.readline()  # decoding alone, speculatively
+        first_reply.readline()
+        wait_for(lambda: get(url, "/health")["mode"] == "alone")  # decoding alone, speculatively
         cancelled = open_request(url, "/v1/chat/completions", long_body(stream=True))
         cancelled.getresponse().readline()
         results: list = [None] * len(bodies)
@@ -1056,12 +1057,12 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
 
 
 def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_dirs, vocab_file, tmp_path, monkeypatch):
-    """Each finished (server, level) is logged as it ends; a rerun after a failure measures only the rest
-    and reports the logged passes as they were."""
+    """Each finished (server, level, pass) is logged as it ends; a rerun after a failure measures only the
+    rest and reports the logged passes as they were; each repeat runs every server in turn."""
     import mlx_vocabtrim.serve_bench as serve_bench
 
     turns = [("code", "def add(a, b):"), ("text", "The quick brown fox")]
-    args = bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "1", "4", "1,2")
+    args = [*bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "1", "4", "1,2"), "--repeats", "2"]
     out = tmp_path / "out"
     real, asked = serve_bench.ask_all, []
 
@@ -1085,12 +1086,18 @@ def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_d
     monkeypatch.setattr(serve_bench, "ask_all", real)
     second = CliRunner().invoke(cli, args)
     assert second.exit_code == 0, second.output
-    assert (
-        "Resuming the unfinished bench-serve" in second.output and "mlx-vocabtrim serve: 1 clients" not in second.output
+    assert "Resuming the unfinished bench-serve" in second.output
+    assert "mlx-vocabtrim serve: 1 clients at once, pass 1" not in second.output
+    order = [line for line in second.output.splitlines() if " clients at once, pass " in line]
+    assert order[0] == "mlx_lm.server: 2 clients at once, pass 1 of 2"
+    assert order.index("mlx_lm.server --draft-model: 2 clients at once, pass 1 of 2") < order.index(
+        "mlx-vocabtrim serve: 1 clients at once, pass 2 of 2"
     )
     report = json.loads((out / "bench-serve.json").read_text())
-    passes = [(answers, wall) for answers, wall in logged[3]["passes"]]
-    assert report["summary"]["mlx-vocabtrim serve"]["2"] == serve_bench.level_figures(passes, logged[1]["target"][:2])
+    first_pass = [(answers, wall) for answers, wall in logged[3]["passes"]]
+    ours = report["summary"]["mlx-vocabtrim serve"]["2"]
+    logged_rate = serve_bench.level_figures(first_pass, None)["aggregate_tokens_per_s"]
+    assert ours["requests"] == 4 and logged_rate in ours["aggregate_range"]  # the logged pass and a new one
     assert set(report["summary"]["mlx_lm.server --draft-model"]) == {"1", "2"} and not partial.exists()
 
 
@@ -1486,6 +1493,46 @@ class CancelledAfter(threading.Event):
     def is_set(self) -> bool:
         self.asked += 1
         return self.asked >= self.n or super().is_set()
+
+
+@pytest.mark.parametrize("admit_wait", [1.5, 0.0])
+def test_requests_sent_together_start_in_one_batch(model_dirs, vocab_file, admit_wait):
+    """An idle engine waits a moment after a request for others sent with it: two requests 0.3 s apart
+    decode together from their first tokens (the first does not speculate alone, drafter prefill and
+    all, while the second waits), and a request alone still speculates. With no wait the first one
+    starts alone: the counter this test reads can see the difference."""
+    setup = load(str(model_dirs["target"]), str(model_dirs["drafter"]), vocab=str(vocab_file), k=200)
+    engine = Engine(setup, admit_wait=admit_wait)
+    thread = threading.Thread(target=engine.work, daemon=True)
+    thread.start()
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 300) for _ in range(20)] for _ in range(3)]
+    results: dict[int, dict] = {}
+    done = threading.Semaphore(0)
+
+    def job(i: int) -> Job:
+        def send(kind: str, value) -> None:
+            if kind == "done":
+                results[i] = value
+                done.release()
+
+        return Job(prompts[i], 10, send, logit_bias={2: -100})
+
+    try:
+        engine.submit(job(0))
+        time.sleep(0.3)
+        engine.submit(job(1))
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+        together = engine.decoder.speculative_steps
+        engine.submit(job(2))
+        assert done.acquire(timeout=60)
+        alone_steps = engine.decoder.speculative_steps - together
+    finally:
+        engine.stop()
+        thread.join(10)
+    assert [results[i]["completion_tokens"] for i in range(3)] == [10, 10, 10]
+    assert (together == 0) == (admit_wait > 0) and alone_steps == 10
 
 
 def test_a_request_cancelled_during_prefill_stops_between_passes(model_dirs, vocab_file):

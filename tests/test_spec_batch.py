@@ -11,9 +11,10 @@ from mlx_lm.generate import generate_step
 from test_sampling import DRAWS, PROMPT, assert_rows_match, make_drafter, markov_rows, markov_target
 
 from mlx_vocabtrim.batch import Decoder, Sequence
+from mlx_vocabtrim.errors import VocabTrimError
 from mlx_vocabtrim.speculative import SpecStats, speculative_generate_step
 from mlx_vocabtrim.trim import trimmed_copy
-from mlx_vocabtrim.tune import BatchCosts, batch_schedule, measure_batch_costs
+from mlx_vocabtrim.tune import BATCH_MARGIN, BatchCosts, batch_schedule, measure_batch_costs
 
 PROMPTS = [[5, 17, 33, 90, 200, 11], [7, 8, 9, 7, 8, 9, 7], list(range(40, 70)), [3], [250, 251, 252, 3, 250]]
 
@@ -157,11 +158,12 @@ def test_sampled_sequences_in_a_batch_follow_the_target(kind):
 
 
 def costs_of(verify, draft, overhead=lambda b: 0.0) -> BatchCosts:
+    """Costs of a batch whose target pass over n tokens of b sequences takes verify(b, n), a drafter step
+    draft(b), and a round `overhead(b)` beyond its passes."""
     sizes = (2, 3, 4, 6, 8)
     return BatchCosts(
-        {b: {n: verify(b, n) for n in range(1, 7)} for b in sizes},
-        {b: draft(b) for b in sizes},
-        {b: overhead(b) for b in sizes},
+        {b: verify(b, 1) for b in sizes},
+        {b: {g: verify(b, g + 1) + g * draft(b) + overhead(b) for g in range(1, 6)} for b in sizes},
     )
 
 
@@ -171,14 +173,17 @@ TAUS = {1: 1.8, 2: 2.4, 3: 2.8, 4: 3.0, 5: 3.1}
 def test_the_schedule_speculates_where_the_costs_make_it_pay():
     """Memory-bound passes (a pass costs the same for any number of tokens): speculation at every size,
     at the longest draft; compute-bound (cost per token): never; this CPU's shape (a fixed part plus a
-    cost per token): at small batches only."""
+    cost per token): where the gain is at least the margin (sizes 3 and 4 gain 7% and 2%: plain)."""
     flat = batch_schedule(costs_of(lambda b, n: 1.0, lambda b: 0.01), TAUS, 8)
     assert all(flat[b]["choice"] == [5, 0.0] for b in range(2, 9))
     linear = batch_schedule(costs_of(lambda b, n: 0.1 * b * n, lambda b: 0.03 * b), TAUS, 8)
     assert all(linear[b]["choice"] is None for b in range(2, 9))
     cpu = batch_schedule(costs_of(lambda b, n: 0.28 + 0.06 * b * n, lambda b: 0.06 + 0.025 * b), TAUS, 8)
     speculating = [b for b in range(2, 9) if cpu[b]["choice"]]
-    assert speculating == [2, 3, 4]
+    assert speculating == [2]
+    for b in (3, 4):
+        gain = max(cpu[b]["speculative_tokens_per_s"].values()) / cpu[b]["plain_tokens_per_s"]
+        assert 1 < gain < BATCH_MARGIN
     row = cpu[2]
     g = row["choice"][0]
     assert row["speculative_tokens_per_s"][g] == pytest.approx(2 * TAUS[g] / (0.28 + 0.12 * (g + 1) + g * 0.11))
@@ -192,7 +197,20 @@ def test_the_schedule_speculates_where_the_costs_make_it_pay():
 
 def test_the_batch_passes_are_timed_per_size(pairs):
     target, drafters = pairs
-    costs = measure_batch_costs(target, drafters["trim+ctx"], True, PROMPTS[2], (2, 4), 4)
-    assert sorted(costs.verify) == [2, 4] and sorted(costs.verify[2]) == [1, 2, 3, 4] and all(costs.draft.values())
-    assert sorted(costs.overhead) == [2, 4] and all(t >= 0 for t in costs.overhead.values())
-    assert costs.t_verify(3, 2) == pytest.approx((costs.verify[2][2] + costs.verify[4][2]) / 2)
+    costs = measure_batch_costs(target, drafters["trim+ctx"], True, PROMPTS[2], (2, 4), (1, 2, 3))
+    assert sorted(costs.plain) == [2, 4] and all(t > 0 for t in costs.plain.values())
+    assert sorted(costs.rounds) == [2, 4] and all(sorted(r) == [1, 2, 3] for r in costs.rounds.values())
+    assert all(r[3] > costs.plain[b] for b, r in costs.rounds.items())  # a round drafts and verifies more
+    assert costs.t_round(3, 2) == pytest.approx((costs.rounds[2][2] + costs.rounds[4][2]) / 2)
+
+
+def test_batch_timings_that_disagree_are_refused(pairs, monkeypatch):
+    """Repeats of a plain step or a round that disagree (here: any spread at all counts) are taken again,
+    then refused with one line, never turned into a schedule."""
+    import mlx_vocabtrim.tune as tune
+
+    target, drafters = pairs
+    monkeypatch.setattr(tune, "SPREAD", 0.5)
+    monkeypatch.setattr(tune, "SLACK", 0.0)
+    with pytest.raises(VocabTrimError, match="of 2 sequences is disturbed by other work"):
+        measure_batch_costs(target, drafters["trim+ctx"], True, PROMPTS[2], (2,), (1, 2))
