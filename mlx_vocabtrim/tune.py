@@ -473,19 +473,24 @@ def measure_batch_costs(
     gammas: Sequence[int],
 ) -> BatchCosts:
     """Time, for each batch size, a plain step and a whole speculative round (`spec_batch`) at each of
-    `gammas` drafts, each sequence after `context`, with the context rows of a context head as
-    `measure_costs` times them."""
-    target_cache, draft_cache = make_prompt_cache(model), make_prompt_cache(drafter)
-    _prefill(model, target_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
-    _prefill(drafter, draft_cache, mx.array(context[:-1], mx.uint32), PREFILL_STEP)
+    `gammas` drafts, with the context rows of a context head as `measure_costs` times them. Sequence i
+    holds `context` less its last 5i tokens: sequences of different lengths that accept differently, so
+    rounds pay for rolling each one's rejected entries into its padding as real batches do."""
+    contexts = [context[: len(context) - min(5 * i, len(context) // 2)] for i in range(max(sizes))]
+    caches = []
+    for ctx in contexts:
+        target_cache, draft_cache = make_prompt_cache(model), make_prompt_cache(drafter)
+        _prefill(model, target_cache, mx.array(ctx[:-1], mx.uint32), PREFILL_STEP)
+        _prefill(drafter, draft_cache, mx.array(ctx[:-1], mx.uint32), PREFILL_STEP)
+        caches.append((target_cache, draft_cache))
     plain, rounds = {}, {}
     for size in sizes:
         batch = SpecBatch(model, drafter)
-        for _ in range(size):
+        for ctx, (target_cache, draft_cache) in zip(contexts[:size], caches, strict=False):
             head = DraftHead(drafter, context_head, head_rows(model))
             if head.full is not None:
                 head.add([i for i in range(head.full.weight.shape[0]) if i not in head.kept][:CONTEXT_ROWS_TIMED])
-            batch.join(Lane(context[-1], context[-1:], head), target_cache, draft_cache)
+            batch.join(Lane(ctx[-1], ctx[-1:], head), target_cache, draft_cache)
         plain[size], rounds[size] = _time_batch(model, batch, context, gammas)
     return BatchCosts(plain, rounds)
 

@@ -195,9 +195,16 @@ def test_the_schedule_speculates_where_the_costs_make_it_pay():
     assert all(costly[b]["choice"] is None for b in range(2, 9))
 
 
-def test_the_batch_passes_are_timed_per_size(pairs):
+def test_the_batch_passes_are_timed_per_size(pairs, monkeypatch):
+    """Plain steps and whole rounds per size and draft length; the timed sequences differ (lengths,
+    acceptance), so rounds roll entries back unevenly as real batches do."""
+    import mlx_vocabtrim.spec_batch as spec_batch
+
     target, drafters = pairs
+    drops, real = [], spec_batch.give_back
+    monkeypatch.setattr(spec_batch, "give_back", lambda cache, drop: (drops.append(list(drop)), real(cache, drop)))
     costs = measure_batch_costs(target, drafters["trim+ctx"], True, PROMPTS[2], (2, 4), (1, 2, 3))
+    assert any(len(set(d)) > 1 for d in drops), "every sequence gave back as much: the timed batch was uniform"
     assert sorted(costs.plain) == [2, 4] and all(t > 0 for t in costs.plain.values())
     assert sorted(costs.rounds) == [2, 4] and all(sorted(r) == [1, 2, 3] for r in costs.rounds.values())
     assert all(r[3] > costs.plain[b] for b, r in costs.rounds.items())  # a round drafts and verifies more
