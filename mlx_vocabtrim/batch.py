@@ -5,10 +5,16 @@ A drafter step and a verify pass cost nearly as much for one sequence as for sev
 hardware, but on a CPU (this project's machine) a pass over B tokens costs about B one-token passes
 past a few tokens, so a batch of B plain decoding steps already fills the pass that speculation would
 fill with drafts. The schedule here: a sequence decodes speculatively (the pair's setting) while it is
-the only one, and in mlx-lm's `BatchGenerator` (one batched target pass per step, prompts prefilled in
-chunks between steps) while others run with it. A sequence moves between
-the two with its KV cache: greedy output is the target's own either way (up to the last bits of
-batched matmuls, see the README), sampling draws from the target's distribution either way.
+the only one; with others, in the speculative batch (`spec_batch`) where the tuned schedule names that
+batch size, else in mlx-lm's `BatchGenerator` (one batched target pass per step, prompts prefilled
+between steps). A sequence moves between them with its KV cache: greedy output is the target's own
+either way (up to the last bits of batched matmuls, see the README), sampling draws from the target's
+distribution either way.
+
+Prompts joining the plain batch are prefilled one at a time (between its decode steps): mlx-lm pads
+a batch of prompts to the longest, and a prefill pass past a few dozen tokens is compute-bound, so
+padding is work thrown away (8 MT-bench prompts of 51 to 201 tokens on this project's CPU: 114.5 s
+prefilled together, 50.2 s one at a time).
 
 Seeded sampled sequences never speculate: they draw from their own key, one draw per token, so they
 repeat exactly whatever else runs. Sequences whose caches cannot give back a token exactly (sliding
@@ -130,7 +136,7 @@ class Decoder:
             max_tokens=1 << 30,
             stop_tokens=[[e] for e in sorted(eos)],
             completion_batch_size=max_batch,
-            prefill_batch_size=min(max_batch, 8),
+            prefill_batch_size=1,  # a batch of prompts is padded to the longest: see the module's docstring
             prefill_step_size=prefill_step,
         )
         self.sequences: list[Sequence] = []
@@ -201,11 +207,14 @@ class Decoder:
         if not self.sequences:
             return []
         alone = self.sequences[0] if len(self.sequences) == 1 else None
-        if alone is not None and (alone.stream is not None or (self._speculates(alone) and self._pays_alone(alone))):
+        if alone is not None and (alone.stream is not None or (self._speculates(alone) and self._pays(alone))):
             if alone.stream is None and not self._leave_batch(alone):
                 return self._batched()
             return self._speculative(alone)
         planned = self.schedule.get(len(self.sequences))
+        joining = [s for s in self.sequences if s.lane is None and self._speculates(s) and self._movable(s)]
+        if planned and not all(self._pays(s) for s in joining):
+            planned = None  # one would feed its drafter more than speculating saves: all decode plainly
         lanes = [s for s in self.sequences if planned and self._speculates(s) and self._movable(s)]
         for seq in self.sequences:
             if seq in lanes and seq.lane is None:
@@ -219,11 +228,11 @@ class Decoder:
         events = self._round(*planned) if lanes else []
         return events + (self._batched() if plain else [])
 
-    def _pays_alone(self, seq: Sequence) -> bool:
-        """Whether `seq`, left alone after decoding in a batch, should speculate again: the tokens its
-        drafter lacks (those decoded in the plain batch), fed in one pass, must cost less than its
-        remaining tokens save by speculating (`ALONE_GAIN` target passes each). A sequence near its end
-        finishes in the batch of one, which is plain decoding."""
+    def _pays(self, seq: Sequence) -> bool:
+        """Whether `seq`, decoding in the plain batch, should speculate (alone, or in the speculative
+        batch): the tokens its drafter lacks (those decoded in the plain batch), fed in one pass, must
+        cost less than its remaining tokens save by speculating (`ALONE_GAIN` target passes each). A
+        sequence near its end finishes in the plain batch (of one, when alone: plain decoding)."""
         if seq.uid is None or self.drafter is None:
             return True
         held = seq.draft_cache[0].offset if seq.draft_cache else 0

@@ -90,6 +90,40 @@ def test_a_sequence_left_alone_near_its_end_finishes_plainly(pair):
         assert first.batched_tokens >= 3 and bool(first.speculative_tokens) == speculates, max_tokens
 
 
+def test_sequences_near_their_end_do_not_form_a_speculative_batch(pair):
+    """Two sequences left after a third ends form the speculative batch the schedule names for 2 only
+    where both have enough tokens left to pay for feeding their drafters what they missed."""
+    target, drafter = pair
+    for max_tokens, speculates in ((6, False), (40, True)):
+        decoder = Decoder(target, drafter, SETTING, eos=set(), schedule={2: (2, 0.0)})  # 3: plain
+        seqs = [Sequence(PROMPTS[2], max_tokens), Sequence(PROMPTS[4], max_tokens), Sequence(PROMPTS[0], 3)]
+        run(decoder, [(0, s) for s in seqs])
+        for seq in seqs:
+            assert seq.tokens == alone(target, seq.prompt, seq.max_tokens)
+        assert bool(decoder.spec_rounds) == speculates, max_tokens
+
+
+def test_prompts_joining_the_plain_batch_are_prefilled_one_at_a_time(pair, monkeypatch):
+    """A batch of prompts would be padded to the longest (work thrown away on compute-bound passes):
+    prompts of different lengths arriving together are prefilled each in passes of its own."""
+    target, drafter = pair
+    shapes, real = [], type(target).__call__
+
+    def spy(self, inputs, *args, **kwargs):
+        if self is target:
+            shapes.append(tuple(inputs.shape))
+        return real(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "__call__", spy)
+    decoder = Decoder(target, drafter, SETTING, eos=set())
+    seqs = [Sequence(p, 4) for p in PROMPTS[:3]]
+    run(decoder, [(0, s) for s in seqs])
+    prefills = [shape for shape in shapes if shape[1] > 1]
+    assert prefills and all(batch == 1 for batch, _ in prefills), prefills
+    for seq in seqs:
+        assert seq.tokens == alone(target, seq.prompt, 4)
+
+
 def test_batch_generate_is_each_prompt_alone(pair):
     target, drafter = pair
 

@@ -111,8 +111,8 @@ def test_the_schedule_turns_speculation_off_and_on_as_the_batch_changes(pairs):
     plain batch at the others, and back as the batch shrinks."""
     target, drafters = pairs
     decoder = Decoder(target, drafters["full"], {"num_draft_tokens": 3}, eos=set(), schedule={2: (2, 0.0)})
-    long, mid, short = Sequence(PROMPTS[2], 40), Sequence(PROMPTS[0], 14), Sequence(PROMPTS[1], 4)
-    modes = drive(decoder, [(0, long), (3, mid), (5, short)])
+    long, mid, short = Sequence(PROMPTS[2], 60), Sequence(PROMPTS[0], 30), Sequence(PROMPTS[1], 4)
+    modes = drive(decoder, [(0, long), (3, mid), (5, short)])  # mid has tokens enough left to speculate again
     busy = [m for _, m in modes if m != "idle"]
     order = [m for i, m in enumerate(busy) if i == 0 or m != busy[i - 1]]
     assert order == ["alone", "speculative batch", "batch", "speculative batch", "alone"], order
