@@ -11,10 +11,10 @@ between steps). A sequence moves between them with its KV cache: greedy output i
 either way (up to the last bits of batched matmuls, see the README), sampling draws from the target's
 distribution either way.
 
-Prompts joining the plain batch are prefilled one at a time (between its decode steps): mlx-lm pads
-a batch of prompts to the longest, and a prefill pass past a few dozen tokens is compute-bound, so
-padding is work thrown away (8 MT-bench prompts of 51 to 201 tokens on this project's CPU: 114.5 s
-prefilled together, 50.2 s one at a time).
+Prompts joining the plain batch together are prefilled together only while padding them to the
+longest adds at most a quarter (`PADDING_LIMIT`): mlx-lm pads a batch of prompts to its longest, and
+a prefill pass past a few dozen tokens is compute-bound, so padding is work thrown away (8 MT-bench
+prompts of 51 to 201 tokens on this project's CPU: 114.5 s prefilled together, 50.2 s one at a time).
 
 Seeded sampled sequences never speculate: they draw from their own key, one draw per token, so they
 repeat exactly whatever else runs. Sequences whose caches cannot give back a token exactly (sliding
@@ -102,6 +102,8 @@ def _bias(seq: Sequence, vocab: int) -> list:
 # default pair's tune on this project's CPU predicts 1.82 tok/s speculating against 1.28 plain, 0.30.
 ALONE_GAIN = 0.25
 
+PADDING_LIMIT = 1.25  # prompts prefilled together: their padded tokens over their own at most
+
 Schedule = dict[int, tuple[int, float]]  # batch size -> (draft length, draft threshold) of a speculative batch
 
 
@@ -136,7 +138,7 @@ class Decoder:
             max_tokens=1 << 30,
             stop_tokens=[[e] for e in sorted(eos)],
             completion_batch_size=max_batch,
-            prefill_batch_size=1,  # a batch of prompts is padded to the longest: see the module's docstring
+            prefill_batch_size=1,  # set per arrival: `_prefill_together`
             prefill_step_size=prefill_step,
         )
         self.sequences: list[Sequence] = []
@@ -216,6 +218,7 @@ class Decoder:
         if planned and not all(self._pays(s) for s in joining):
             planned = None  # one would feed its drafter more than speculating saves: all decode plainly
         lanes = [s for s in self.sequences if planned and self._speculates(s) and self._movable(s)]
+        joining = []
         for seq in self.sequences:
             if seq in lanes and seq.lane is None:
                 self._join_lanes(seq)
@@ -223,7 +226,8 @@ class Decoder:
                 if seq.lane is not None:
                     self._leave_lanes(seq)
                 if seq.uid is None:
-                    self._join_batch(seq)
+                    joining.append(seq)
+        self._prefill_together(joining)
         plain = len(lanes) < len(self.sequences)
         events = self._round(*planned) if lanes else []
         return events + (self._batched() if plain else [])
@@ -312,6 +316,26 @@ class Decoder:
             logits_processors=[_bias(seq, self.vocab)],
         )
         self.by_uid[seq.uid] = seq
+
+    def _prefill_together(self, joining: list[Sequence]) -> None:
+        """Move `joining` into the plain batch, shortest prompt first, prefilled together as many as
+        `PADDING_LIMIT` allows: mlx-lm pads a batch of prompts to its longest, and a prefill pass past a
+        few dozen tokens is compute-bound, so padding is work thrown away (one pass per prompt instead
+        costs a decode step of the others between them)."""
+        lengths = sorted(n for n in map(self._unfed, joining) if n > 1)  # prompts (others fed all but one)
+        for seq in sorted(joining, key=self._unfed):
+            self._join_batch(seq)
+        together = 1
+        while together < len(lengths) and lengths[together] * (together + 1) <= PADDING_LIMIT * sum(
+            lengths[: together + 1]
+        ):
+            together += 1
+        if lengths:
+            self.batch.prefill_batch_size = together
+
+    def _unfed(self, seq: Sequence) -> int:
+        """Tokens of `seq` its target cache has yet to process."""
+        return len(seq.history) - (seq.target_cache[0].offset if seq.target_cache else 0)
 
     def _caught_up(self, model: nn.Module, cache: list | None, history: list[int]) -> list:
         """`cache` (made when None) fed all of `history` but its last token."""

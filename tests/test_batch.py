@@ -82,12 +82,12 @@ def test_a_sequence_left_alone_near_its_end_finishes_plainly(pair):
     tokens pay for feeding its drafter what it missed: near its end it finishes in the batch of one (no
     drafts), far from it it drafts again; both outputs are the target's."""
     target, drafter = pair
-    for max_tokens, speculates in ((6, False), (40, True)):
+    for max_tokens, speculates in ((8, False), (40, True)):
         decoder = Decoder(target, drafter, SETTING, eos=set())  # no schedule: two sequences decode plainly
-        first, second = Sequence(PROMPTS[2], max_tokens), Sequence(PROMPTS[0], 3)
+        first, second = Sequence(PROMPTS[2], max_tokens), Sequence(PROMPTS[0], 5)
         run(decoder, [(0, first), (0, second)])
         assert first.tokens == alone(target, PROMPTS[2], max_tokens)
-        assert first.batched_tokens >= 3 and bool(first.speculative_tokens) == speculates, max_tokens
+        assert first.batched_tokens >= 2 and bool(first.speculative_tokens) == speculates, max_tokens
 
 
 def test_sequences_near_their_end_do_not_form_a_speculative_batch(pair):
@@ -103,9 +103,10 @@ def test_sequences_near_their_end_do_not_form_a_speculative_batch(pair):
         assert bool(decoder.spec_rounds) == speculates, max_tokens
 
 
-def test_prompts_joining_the_plain_batch_are_prefilled_one_at_a_time(pair, monkeypatch):
-    """A batch of prompts would be padded to the longest (work thrown away on compute-bound passes):
-    prompts of different lengths arriving together are prefilled each in passes of its own."""
+def test_prompts_joining_the_plain_batch_are_prefilled_together_only_where_padding_is_small(pair, monkeypatch):
+    """A batch of prompts is padded to its longest (work thrown away on compute-bound passes): of prompts
+    of 6, 7 and 30 tokens arriving together, the two short ones are prefilled together, the long one
+    alone."""
     target, drafter = pair
     shapes, real = [], type(target).__call__
 
@@ -118,8 +119,8 @@ def test_prompts_joining_the_plain_batch_are_prefilled_one_at_a_time(pair, monke
     decoder = Decoder(target, drafter, SETTING, eos=set())
     seqs = [Sequence(p, 4) for p in PROMPTS[:3]]
     run(decoder, [(0, s) for s in seqs])
-    prefills = [shape for shape in shapes if shape[1] > 1]
-    assert prefills and all(batch == 1 for batch, _ in prefills), prefills
+    prefills = sorted(shape for shape in shapes if shape[1] > 1)
+    assert prefills == [(1, 29), (2, 6)], prefills  # all but each prompt's last token
     for seq in seqs:
         assert seq.tokens == alone(target, seq.prompt, 4)
 
