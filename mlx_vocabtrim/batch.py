@@ -14,7 +14,8 @@ distribution either way.
 Prompts joining the plain batch together are prefilled together only while padding them to the
 longest adds at most a quarter (`PADDING_LIMIT`): mlx-lm pads a batch of prompts to its longest, and
 a prefill pass past a few dozen tokens is compute-bound, so padding is work thrown away (8 MT-bench
-prompts of 51 to 201 tokens on this project's CPU: 114.5 s prefilled together, 50.2 s one at a time).
+prompts of 51 to 201 tokens on this project's CPU: 114.5 s prefilled together, 50.2 s one at a time),
+while prompts of similar lengths are cheaper in one pass than one after another.
 
 Seeded sampled sequences never speculate: they draw from their own key, one draw per token, so they
 repeat exactly whatever else runs. Sequences whose caches cannot give back a token exactly (sliding
@@ -214,8 +215,8 @@ class Decoder:
                 return self._batched()
             return self._speculative(alone)
         planned = self.schedule.get(len(self.sequences))
-        joining = [s for s in self.sequences if s.lane is None and self._speculates(s) and self._movable(s)]
-        if planned and not all(self._pays(s) for s in joining):
+        candidates = [s for s in self.sequences if s.lane is None and self._speculates(s) and self._movable(s)]
+        if planned and not all(self._pays(s) for s in candidates):
             planned = None  # one would feed its drafter more than speculating saves: all decode plainly
         lanes = [s for s in self.sequences if planned and self._speculates(s) and self._movable(s)]
         joining = []
