@@ -16,6 +16,7 @@ target never saw) are approximated by the teacher-forced ones.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -315,24 +316,36 @@ def predict(
 
 
 def _timed(fn: Callable[[], mx.array], what: str, repeats: int = 5, tries: int = 3) -> float:
-    """The fastest of `repeats` timed calls after a warm one. Repeats that disagree (their median over
-    SPREAD times the fastest) are measured again, `tries` times in all, then refused: other work on
-    the machine would make every prediction wrong."""
-    fn()
+    """The fastest of `repeats` timed calls after a warm one (see `_timed_in_turn`)."""
+    return _timed_in_turn({0: fn}, lambda _: what, repeats, tries)[0]
+
+
+def _timed_in_turn(
+    steps: dict[int, Callable[[], Any]], what: Callable[[int], str], repeats: int, tries: int
+) -> dict[int, float]:
+    """The fastest of `repeats` timed calls of each of `steps` (name -> function whose result is evaluated),
+    after a warm one each, taken in turn (each step, then each again) so that a machine whose speed
+    drifts slows them alike. Repeats that disagree (their median over SPREAD times the fastest) are
+    measured again, `tries` times in all, then refused: other work on the machine would make every
+    prediction wrong."""
+    for step in steps.values():
+        step()
     for _ in range(tries):
-        times = []
+        times: dict[int, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):
-            mx.synchronize()
-            tic = time.perf_counter()
-            mx.eval(fn())
-            mx.synchronize()
-            times.append(time.perf_counter() - tic)
-        fastest, median = min(times), float(np.median(times))
-        if median <= SPREAD * fastest + SLACK:
-            return fastest
+            for name, step in steps.items():
+                mx.synchronize()
+                tic = time.perf_counter()
+                mx.eval(step())
+                mx.synchronize()
+                times[name].append(time.perf_counter() - tic)
+        disturbed = [name for name, t in times.items() if float(np.median(t)) > SPREAD * min(t) + SLACK]
+        if not disturbed:
+            return {name: min(t) for name, t in times.items()}
+    t = times[disturbed[0]]
     raise VocabTrimError(
-        f"timing {what} is disturbed by other work ({fastest * 1e3:.1f} to {median * 1e3:.1f} ms over repeats): "
-        "tune on an idle machine"
+        f"timing {what(disturbed[0])} is disturbed by other work ({min(t) * 1e3:.1f} to "
+        f"{float(np.median(t)) * 1e3:.1f} ms over repeats): tune on an idle machine"
     )
 
 
@@ -427,41 +440,27 @@ class BatchCosts:
 def _time_batch(
     model: nn.Module, batch: "SpecBatch", context: list[int], gammas: Sequence[int], repeats: int = 3, tries: int = 3
 ) -> tuple[float, dict[int, float]]:
-    """(seconds of a plain step, of a whole round at each draft length in `gammas`) for `batch`: the
-    fastest of `repeats` timings, taken in turn (plain step, then each round, then again), so that a
-    machine whose speed drifts slows every choice alike. Timings whose repeats disagree (see `_timed`)
-    are taken again, `tries` times in all, then refused."""
+    """(seconds of a plain step, of a whole round at each draft length in `gammas`) for `batch`, timed
+    in turn (`_timed_in_turn`)."""
     size = len(batch)
     one = mx.array([context[-1:]] * size, mx.uint32)
 
-    def plain_step() -> None:
+    def plain_step() -> list:
         mx.eval(model(one, cache=batch.target_cache))
         give_back(batch.target_cache, [1] * size)
+        return [c.state for c in batch.target_cache]
 
-    def whole_round(gamma: int) -> None:
+    def whole_round(gamma: int) -> list:
         batch.round([gamma] * size)
+        return [c.state for c in batch.target_cache + batch.draft_cache]
 
     steps = {0: plain_step} | {g: lambda g=g: whole_round(g) for g in gammas}
-    for step in steps.values():  # warm
-        step()
-    for _ in range(tries):
-        times: dict[int, list[float]] = {g: [] for g in steps}
-        for _ in range(repeats):
-            for g, step in steps.items():
-                mx.synchronize()
-                tic = time.perf_counter()
-                step()
-                mx.eval([c.state for c in batch.target_cache + batch.draft_cache])
-                times[g].append(time.perf_counter() - tic)
-        disturbed = [g for g, t in times.items() if float(np.median(t)) > SPREAD * min(t) + SLACK]
-        if not disturbed:
-            fastest = {g: min(t) for g, t in times.items()}
-            return fastest.pop(0), fastest
-    what = "a plain step" if disturbed[0] == 0 else f"a round of {disturbed[0]} drafts"
-    raise VocabTrimError(
-        f"timing {what} of {size} sequences is disturbed by other work ({min(times[disturbed[0]]) * 1e3:.1f} to "
-        f"{float(np.median(times[disturbed[0]])) * 1e3:.1f} ms over repeats): tune on an idle machine"
-    )
+
+    def name(g: int) -> str:
+        return f"{'a plain step' if g == 0 else f'a round of {g} drafts'} of {size} sequences"
+
+    fastest = _timed_in_turn(steps, name, repeats, tries)
+    return fastest.pop(0), fastest
 
 
 def measure_batch_costs(
