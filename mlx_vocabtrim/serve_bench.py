@@ -3,7 +3,10 @@ drafter) and with `--draft-model` at its best draft length, through HTTP.
 
 The servers run one after the other (never two at once: memory) on free loopback ports and get
 the same greedy chat requests (Spec-Bench first turns, categories in turn), streamed. For each
-level of concurrency N, N clients each send one distinct question at once; per server and level:
+level of concurrency N, N clients each send one distinct question at once, questions no other level
+(and not the warm-up request) sends: mlx_lm.server reuses the KV cache of a prompt it has seen (its
+prompt cache), so a question sent again would skip its prefill there, which distinct requests never
+do (ours reuses only whole prefill passes, the bitwise exact ones). Per server and level:
 aggregate tokens/s (all completion tokens over the wall time of the pass), each request's latency
 (median and p95) and time to its first token (median), and the outputs unlike the target's own
 greedy decoding (unless --no-check-target). Levels repeat `--repeats` times, each figure a median;
@@ -174,9 +177,9 @@ def markdown(summary: dict[str, dict], env: dict, levels: list[int], max_tokens:
     names = list(summary)
     lines = [
         f"MLX {env['mlx']}, mlx-lm {env['mlx_lm']} on {env['device']} ({env['cpu']}, {env['cores']} cores), BLAS "
-        f"{env['blas']}. Greedy streamed chat requests of up to {max_tokens} tokens; at N clients, N distinct "
-        f"questions sent at once; aggregate = completion tokens / wall time of the pass, median of {repeats} "
-        "pass(es) [range]; latencies over every request.",
+        f"{env['blas']}. Greedy streamed chat requests of up to {max_tokens} tokens; at N clients, N questions sent "
+        "at once, each level its own (no server has seen them); aggregate = completion tokens / wall time of the "
+        f"pass, median of {repeats} pass(es) [range]; latencies over every request.",
         "",
         "| clients | " + " | ".join(f"{n} tok/s" for n in names) + " | ours over the better mlx_lm.server |",
         "|---|" + "---|" * (len(names) + 1),
@@ -217,6 +220,34 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def level_slices(levels: list[int]) -> dict[int, slice]:
+    """Each level's own questions among the picked ones (the first is the warm-up): none sent twice."""
+    start, slices = 1, {}
+    for level in levels:
+        slices[level] = slice(start, start + level)
+        start += level
+    return slices
+
+
+def pick_questions(path: str | Path, per_category: int | None, levels: list[int]) -> tuple[list[dict], int]:
+    """Questions enough for one warm-up and a distinct set per level, categories in turn, with the
+    `per_category` they took (given, or the fewest that give enough)."""
+    from .questions import in_turn, read_questions
+
+    need = 1 + sum(levels)
+    counts = [per_category] if per_category is not None else range(1, need + 1)
+    for count in counts:
+        picked = in_turn(read_questions(path, count))
+        if len(picked) >= need:
+            return picked[:need], count
+    raise VocabTrimError(
+        f"--clients {','.join(map(str, levels))} need {need} distinct questions (each level its own, one to warm "
+        f"the servers up), and {path} gives {len(picked)}"
+        + (f" at --per-category {per_category}: raise --per-category or leave it out" if per_category else "")
+        + ("" if per_category else ": pass fewer --clients or a longer --questions file")
+    )
+
+
 def mlx_lm_best_draft(model: str, draft_model: str, target_path: str, drafter_path: str) -> tuple[int, str]:
     """mlx-lm's best draft length for this pair on this machine, as `bench`/`tune` measured it (the
     pair's profile), else mlx-lm's default 3; and where it came from."""
@@ -237,7 +268,11 @@ def mlx_lm_best_draft(model: str, draft_model: str, target_path: str, drafter_pa
 )
 @draft_options
 @click.option("--questions", default=None, help="Spec-Bench question.jsonl [default: the packaged Spec-Bench].")
-@count_option("--per-category", 2, "Questions per Spec-Bench category.")
+@count_option(
+    "--per-category",
+    None,
+    "Questions per Spec-Bench category [default: the fewest that give each level its own questions].",
+)
 @count_option("--max-tokens", 64, "Tokens per answer.")
 @click.option(
     "--clients", default="1,2,4,8,16", show_default=True, help="Levels of concurrency: clients sending at once."
@@ -298,18 +333,13 @@ def bench_serve(
     from .checks import parse_batch_schedule
     from .files import check_output, command_line, output_lock, write_text_whole
     from .models import resolve_model
-    from .questions import PACKAGED_QUESTIONS, in_turn, read_questions
+    from .questions import PACKAGED_QUESTIONS
     from .trim import is_trimmed_dir
 
     levels = parse_levels(clients)
     parse_batch_schedule(batch_speculation)  # a bad value fails here, not after the references
-    picked = in_turn(read_questions(questions or PACKAGED_QUESTIONS, per_category))
-    if len(picked) < max(levels):
-        raise VocabTrimError(
-            f"{max(levels)} clients need as many questions, and --per-category {per_category} picks {len(picked)}: "
-            "raise --per-category"
-        )
-    picked = picked[: max(levels)]
+    picked, per_category = pick_questions(questions or PACKAGED_QUESTIONS, per_category, levels)
+    warm_up, sets = picked[0], level_slices(levels)
     report_path = check_output(Path(out) / "bench-serve.json", force=force)
     target_path, drafter_path = resolve_model(model), resolve_model(draft_model)
     if is_trimmed_dir(drafter_path):
@@ -333,7 +363,6 @@ def bench_serve(
         flags.append("--context-head" if context_head else "--no-context-head")
     if adaptive is not None:
         flags.append("--adaptive" if adaptive else "--static")
-    prompts = [q["prompt"] for q in picked]
     mlx_lm = [sys.executable, "-m", "mlx_lm", "server", "--model", target_path, "--log-level", "WARNING"]
     commands = {
         OURS: [
@@ -357,6 +386,8 @@ def bench_serve(
         "per_category": per_category,
         "max_tokens": max_tokens,
         "levels": levels,
+        "warm_up_question": warm_up["question_id"],
+        "level_questions": {str(level): [q["question_id"] for q in picked[part]] for level, part in sets.items()},
         "repeats": repeats,
         "max_batch": max_batch,
         "batch_speculation": batch_speculation,
@@ -369,7 +400,7 @@ def bench_serve(
         target = next((e["target"] for e in entries if "target" in e), None)
         if check_target and target is None:
             click.echo("target alone: decoding every question for the comparison", err=True)
-            target = target_texts(model, prompts, max_tokens)
+            target = [""] + target_texts(model, [q["prompt"] for q in picked[1:]], max_tokens)  # none for the warm-up
             log({"target": target})
         done: dict[tuple[str, int], list] = {(name, level): [] for name in commands for level in levels}
         for e in entries:
@@ -383,10 +414,10 @@ def bench_serve(
                 port = free_port()
                 log_path = report_path.parent / f"{name.replace(' ', '_').replace('-', '')}.log"
                 with running(name, [*command, "--port", str(port)], port, log_path) as url:
-                    ask(url, prompts[0], min(8, max_tokens))  # warm-up: mlx_lm.server loads its models on first use
+                    ask(url, warm_up["prompt"], min(8, max_tokens))  # mlx_lm.server loads its models on first use
                     for level in todo:
                         click.echo(f"{name}: {level} clients at once, pass {repeat + 1} of {repeats}", err=True)
-                        answers = ask_all(url, prompts[:level], max_tokens)
+                        answers = ask_all(url, [q["prompt"] for q in picked[sets[level]]], max_tokens)
                         log({"server": name, "clients": level, "passes": [answers]})
                         done[(name, level)].append(answers)
         summary: dict[str, dict] = {}
@@ -395,11 +426,11 @@ def bench_serve(
             summary[name] = {}
             for level in levels:
                 passes = [(answers, wall) for answers, wall in done[(name, level)][:repeats]]
-                summary[name][str(level)] = level_figures(passes, target[:level] if target else None)
+                summary[name][str(level)] = level_figures(passes, target[sets[level]] if target else None)
                 records += [
                     {"server": name, "clients": level, "pass": n, "question_id": q["question_id"], **r}
                     for n, (answers, _) in enumerate(passes)
-                    for q, r in zip(picked, answers, strict=False)
+                    for q, r in zip(picked[sets[level]], answers, strict=True)
                 ]
         env = environment()
         table = markdown(summary, env, levels, max_tokens, repeats)

@@ -1029,18 +1029,38 @@ def bench_serve_args(model_dirs, vocab_file, tmp_path, turns, per_category, max_
         "\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in enumerate(turns))
     )
     args = ["bench-serve", "--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"])]
-    args += ["--vocab", str(vocab_file), "--k", "200", "--questions", str(questions), "--per-category", per_category]
+    args += ["--vocab", str(vocab_file), "--k", "200", "--questions", str(questions)]
+    args += ["--per-category", per_category] if per_category else []
     args += ["--max-tokens", max_tokens, "--clients", clients, "--mlx-lm-num-draft-tokens", "2"]
     return args + ["--out", str(tmp_path / "out")]
 
 
-def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp_path):
-    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox"), ("code", "import numpy as np")]
-    args = bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "2", "6", "1,3")
+def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp_path, monkeypatch):
+    """Each server gets a warm-up request and each level its own questions, none sent twice: a server
+    that caches prompts (mlx_lm.server does) would skip the prefill of a question it has seen."""
+    import mlx_vocabtrim.serve_bench as serve_bench
+
+    code = ["def add(a, b):", "import numpy as np", "for i in range(10):"]
+    text = ["The quick brown fox", "Once upon a time", "Dear Sir or Madam,"]
+    turns = [("code", t) for t in code] + [("text", t) for t in text]
+    args = bench_serve_args(model_dirs, vocab_file, tmp_path, turns, None, "6", "1,3")
     out = tmp_path / "out"
+    real, sent = serve_bench.ask, {}
+
+    def recording(url, prompt, max_tokens):
+        sent.setdefault(url, []).append(prompt)
+        return real(url, prompt, max_tokens)
+
+    monkeypatch.setattr(serve_bench, "ask", recording)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
+    assert len(sent) == 3 and all(sorted(prompts) == sorted(code + text[:2]) for prompts in sent.values())
     report = json.loads((out / "bench-serve.json").read_text())
+    assert report["config"]["per_category"] == 3  # the fewest giving 1 + 1 + 3 questions
+    assert report["config"]["warm_up_question"] == 0 and report["config"]["level_questions"] == {
+        "1": [3],
+        "3": [1, 4, 2],
+    }
     assert list(report["summary"]) == ["mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"]
     assert report["config"]["commands"]["mlx_lm.server --draft-model"][-2:] == ["--num-draft-tokens", "2"]
     for figures in report["summary"].values():
@@ -1052,8 +1072,16 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     table = (out / "bench-serve.md").read_text()
     assert "| 3 | " in table and "ours over the better mlx_lm.server" in table
     assert table in result.output
+    refused = CliRunner().invoke(
+        cli, [*args[:-2], "--clients", "1,2", "--per-category", "1", "--out", str(tmp_path / "o2")]
+    )
+    assert refused.exit_code == 1 and refused.output.endswith(
+        "need 4 distinct questions (each level its own, one to warm the servers up), and "
+        f"{tmp_path / 'q.jsonl'} gives 2 at --per-category 1: raise --per-category or leave it out\n"
+    )
     refused = CliRunner().invoke(cli, [*args[:-2], "--clients", "1,9", "--out", str(tmp_path / "o2")])
-    assert refused.exit_code == 1 and "9 clients need as many questions" in refused.output
+    assert refused.exit_code == 1 and "need 11 distinct questions" in refused.output
+    assert "gives 6: pass fewer --clients or a longer --questions file" in refused.output
 
 
 def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_dirs, vocab_file, tmp_path, monkeypatch):
@@ -1061,8 +1089,8 @@ def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_d
     rest and reports the logged passes as they were; each repeat runs every server in turn."""
     import mlx_vocabtrim.serve_bench as serve_bench
 
-    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox")]
-    args = [*bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "1", "4", "1,2"), "--repeats", "2"]
+    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox"), ("code", "x = 1"), ("text", "Hello")]
+    args = [*bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "2", "4", "1,2"), "--repeats", "2"]
     out = tmp_path / "out"
     real, asked = serve_bench.ask_all, []
 
