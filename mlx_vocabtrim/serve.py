@@ -772,7 +772,7 @@ class Engine:
             if seq is not None:  # cancelled during its prefill, the caches hold its whole passes done
                 self.keep(job.prompt)
         tokens = output.tokens if output else 0
-        calls = (seq.stats.target_calls + seq.batched_tokens) if seq else 0
+        calls = (seq.stats.target_calls + seq.batched_tokens + seq.plain_tokens) if seq else 0
         speculation = {
             "draft_tokens": seq.stats.draft_tokens if seq else 0,
             "accepted_tokens": output.accepted if output else 0,

@@ -60,8 +60,40 @@ def test_mixed_sequences_each_decode_as_alone(pair):
     assert seeded.tokens == repeat.tokens, "a seeded sequence repeats whatever runs beside it"
     assert 0 < len(cancelled.tokens) < 30 and cancelled.finish is None
     assert seqs[0].speculative_tokens and seqs[0].batched_tokens, "speculative alone, batched with others"
-    assert seqs[4].speculative_tokens == seqs[4].max_tokens and decoder.moves >= 2
+    assert seqs[4].batched_tokens == 0 and seqs[4].plain_tokens == 1 and decoder.moves >= 2
+    assert seqs[4].speculative_tokens == seqs[4].max_tokens - 1, "alone: its first token, then speculation"
     assert any(e.from_draft for e in events) and decoder.batched_steps and decoder.speculative_steps
+
+
+@pytest.mark.parametrize("together,schedule", [(1, None), (2, {2: (2, 0.0)}), (3, {2: (2, 0.0)})])
+def test_a_speculating_sequence_takes_its_first_token_before_its_drafter_is_fed(pair, together, schedule):
+    """Alone, or arriving together where the schedule names their number, each sequence's first token
+    comes in a step of its own (shortest prompt first) from the target's pass over its prompt, the
+    drafter not fed yet (its prefill and a round would delay it); where the schedule names no
+    speculation, the plain batch prefills them. Afterwards each speculates (or not) as before, and
+    decodes the target's output."""
+    from mlx_vocabtrim.rollback import offset
+
+    target, drafter = pair
+    decoder = Decoder(target, drafter, SETTING, eos=set(), schedule=schedule)
+    prompts = PROMPTS[:together][::-1]  # the longest first
+    seqs = [Sequence(p, 14, logit_bias={9: 2.0} if i == 1 else None) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        decoder.add(seq)
+    first = together < 3
+    if first:
+        for n, seq in enumerate(sorted(seqs, key=lambda s: len(s.prompt)), 1):
+            events = decoder.step()
+            assert [e.sequence for e in events] == [seq] and not events[0].from_draft
+            assert decoder.mode == "first token" and decoder.first_tokens == n
+            assert seq.draft_cache is None and offset(seq.target_cache) == len(seq.prompt)
+    else:
+        decoder.step()
+        assert decoder.mode == "batch" and decoder.first_tokens == 0
+    run(decoder, [])
+    for seq in seqs:
+        assert seq.tokens == alone(target, seq.prompt, 14, logit_bias=seq.logit_bias), seq.prompt
+        assert seq.plain_tokens == first and bool(seq.speculative_tokens) == first
 
 
 def test_speculation_stops_while_others_run_and_resumes(pair):

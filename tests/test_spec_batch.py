@@ -31,9 +31,12 @@ def alone_greedy(target, prompt, n):
 
 
 def alone_rounds(target, drafter, prompt, n, setting):
+    """A sequence's rounds alone, as the decoder makes them: its first token from the target's own pass,
+    then speculative decoding from there."""
     stats = SpecStats()
-    tokens = speculative_generate_step(prompt, target, drafter, max_tokens=n, stats=stats, **setting)
-    return [int(t) for t, _, _ in tokens], stats
+    first = alone_greedy(target, prompt, 1)
+    tokens = speculative_generate_step(prompt + first, target, drafter, max_tokens=n - 1, stats=stats, **setting)
+    return first + [int(t) for t, _, _ in tokens], stats
 
 
 def drive(decoder, arrivals):
@@ -62,7 +65,7 @@ def test_each_sequence_makes_its_own_rounds_in_the_batch(pairs, head, gamma, thr
     decoder = Decoder(target, drafter, setting, eos=set(), schedule={n: (gamma, threshold) for n in range(2, 9)})
     seqs = [Sequence(p, 10 + 7 * i) for i, p in enumerate(PROMPTS)]
     modes = drive(decoder, [(0, s) for s in seqs])
-    assert decoder.spec_rounds > 10 and decoder.batched_steps == 0
+    assert decoder.spec_rounds >= 8 and decoder.batched_steps == 0 and decoder.first_tokens == len(seqs)
     assert ("speculative batch" in {m for _, m in modes}) and modes[-1][1] in ("alone", "idle")
     for seq in seqs:
         tokens, stats = alone_rounds(target, drafter, seq.prompt, seq.max_tokens, setting)
@@ -84,12 +87,12 @@ def test_sequences_joining_and_leaving_keep_their_rounds(pairs):
     seqs = [Sequence(p, 12 + 4 * i) for i, p in enumerate(PROMPTS)]
     cancelled = Sequence(PROMPTS[2], 40)
     seeded = Sequence(PROMPTS[1], 9, temp=1.0, seed=5)  # decodes in the plain batch beside the speculative one
-    arrivals = [(0, seqs[0]), (1, seeded), (2, seqs[1]), (3, cancelled), (4, seqs[2]), (6, seqs[3]), (9, seqs[4])]
+    arrivals = [(0, seqs[0]), (3, seeded), (4, seqs[1]), (5, cancelled), (6, seqs[2]), (8, seqs[3]), (11, seqs[4])]
     step, modes = 0, []
     while arrivals or decoder.size:
         while arrivals and arrivals[0][0] <= step:
             decoder.add(arrivals.pop(0)[1])
-        if step == 8:
+        if step == 10:
             decoder.remove(cancelled)
         size = decoder.size
         decoder.step()
@@ -113,10 +116,11 @@ def test_the_schedule_turns_speculation_off_and_on_as_the_batch_changes(pairs):
     decoder = Decoder(target, drafters["full"], {"num_draft_tokens": 3}, eos=set(), schedule={2: (2, 0.0)})
     long, mid, short = Sequence(PROMPTS[2], 60), Sequence(PROMPTS[0], 30), Sequence(PROMPTS[1], 4)
     modes = drive(decoder, [(0, long), (3, mid), (5, short)])  # mid has tokens enough left to speculate again
-    busy = [m for _, m in modes if m != "idle"]
+    busy = [m for _, m in modes if m not in ("idle", "first token")]
     order = [m for i, m in enumerate(busy) if i == 0 or m != busy[i - 1]]
     assert order == ["alone", "speculative batch", "batch", "speculative batch", "alone"], order
-    assert all(m == {1: "alone", 2: "speculative batch", 3: "batch"}[n] for n, m in modes if m != "idle")
+    assert all(m == {1: "alone", 2: "speculative batch", 3: "batch"}[n] for n, m in modes if m in busy)
+    assert [n for n, m in modes if m == "first token"] == [1, 2], "each speculating arrival's first token alone"
     for seq in (long, mid, short):
         assert seq.tokens == alone_greedy(target, seq.prompt, seq.max_tokens)
 
