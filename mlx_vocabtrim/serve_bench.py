@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -35,6 +36,7 @@ from .options import count_option, draft_options, force_option
 OURS, PLAIN, SPEC = "mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"
 PARTIAL = "bench-serve.partial.jsonl"  # each finished level, so an interrupted run resumes
 START_TIMEOUT = 1800  # seconds for a server to answer /health (models load before ours listens)
+CONNECT_TRIES = 5  # a request whose connection the server dropped before answering is sent again
 
 
 def free_port() -> int:
@@ -72,6 +74,22 @@ def running(name: str, command: list[str], port: int, log: Path):
             proc.wait()
 
 
+def _connect(request: urllib.request.Request, tries: int = CONNECT_TRIES) -> Any:
+    """The response to `request`, sent again where the server dropped the connection before
+    answering (mlx_lm.server resets some of 16 connections opened at once: its listen queue holds
+    5); the time of each try counts in the request's latency, as for a client that retries."""
+    for attempt in range(tries - 1):
+        try:
+            return urllib.request.urlopen(request, timeout=3600)
+        except urllib.error.HTTPError:
+            raise
+        except (ConnectionError, urllib.error.URLError) as e:
+            if not isinstance(getattr(e, "reason", e), ConnectionError):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return urllib.request.urlopen(request, timeout=3600)
+
+
 def ask(url: str, prompt: str, max_tokens: int) -> dict:
     """One greedy streamed chat request: its text, completion tokens, wall time and time to the first token."""
     body = {
@@ -87,7 +105,7 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
     tic = time.perf_counter()
     text, first, tokens, finish = "", None, None, None
     try:
-        with urllib.request.urlopen(request, timeout=3600) as response:
+        with _connect(request) as response:
             for raw in response:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -103,6 +121,8 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
                     finish = c.get("finish_reason") or finish
     except urllib.error.HTTPError as e:
         raise VocabTrimError(f"{url} answered {e.code}: {e.read()[:300]!r}") from None
+    except OSError as e:  # URLError included: the connection broke while the answer streamed
+        raise VocabTrimError(f"{url} broke off a streamed answer ({e}): see the server's log in --out") from None
     seconds = time.perf_counter() - tic
     if tokens is None:
         raise VocabTrimError(f"{url} sent no usage in its stream: cannot count its tokens")

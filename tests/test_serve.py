@@ -1084,6 +1084,47 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     assert "gives 6: pass fewer --clients or a longer --questions file" in refused.output
 
 
+def test_bench_serve_sends_again_a_request_whose_connection_was_dropped(monkeypatch):
+    """A server that resets a connection before answering (mlx_lm.server does with 16 at once) gets the
+    request again, its latency counted from the first try; a break while the answer streams, or resets
+    that go on, are one line."""
+    import io
+    import urllib.request
+
+    import mlx_vocabtrim.serve_bench as serve_bench
+
+    usage = {"choices": [], "usage": {"completion_tokens": 1}}
+    chunks = [{"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}, usage]
+    stream = b"".join(b"data: " + json.dumps(c).encode() + b"\n" for c in chunks) + b"data: [DONE]\n"
+    tries = []
+
+    def urlopen(request, timeout):
+        tries.append(time.perf_counter())
+        if len(tries) <= failures:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return io.BytesIO(stream)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    failures = 2
+    answer = serve_bench.ask("http://127.0.0.1:1", "Hello", 4)
+    assert len(tries) == 3 and answer["text"] == "hi" and answer["completion_tokens"] == 1
+    tries.clear()
+    failures = 99
+    with pytest.raises(VocabTrimError, match=r"^http://127.0.0.1:1 broke off a streamed answer \(\[Errno 104\]"):
+        serve_bench.ask("http://127.0.0.1:1", "Hello", 4)
+    assert len(tries) == serve_bench.CONNECT_TRIES
+
+    class Broken(io.BytesIO):
+        def __iter__(self):
+            yield stream.splitlines(keepends=True)[0]
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Broken())
+    with pytest.raises(VocabTrimError, match="broke off a streamed answer"):
+        serve_bench.ask("http://127.0.0.1:1", "Hello", 4)
+
+
 def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_dirs, vocab_file, tmp_path, monkeypatch):
     """Each finished (server, level, pass) is logged as it ends; a rerun after a failure measures only the
     rest and reports the logged passes as they were; each repeat runs every server in turn."""
