@@ -167,7 +167,7 @@ class Decoder:
         self.lanes = SpecBatch(target, drafter) if self.schedule else None
         self.speculative_steps = self.spec_rounds = self.batched_steps = self.first_tokens = self.moves = 0
         self.counted = offset(target_layers) is not None  # the target's cache says how many tokens it holds
-        self.last = "idle"  # what the last step did
+        self.gave_first_token = False  # the last step was a first-token step
         if self.speculate:
             check_rollback(target_layers, "target")
             check_rollback(draft_layers, "drafter")
@@ -209,8 +209,8 @@ class Decoder:
         """How the last step decoded: 'alone', 'speculative batch', 'batch', 'first token' (or 'idle')."""
         if not self.sequences:
             return "idle"
-        if self.last == "first token":
-            return self.last
+        if self.gave_first_token:
+            return "first token"
         if any(s.stream is not None for s in self.sequences):
             return "alone"
         if any(s.lane is not None for s in self.sequences):
@@ -231,7 +231,7 @@ class Decoder:
             return []
         speculative = len(self.sequences) == 1 or len(self.sequences) in self.schedule
         starting = [s for s in self.sequences if speculative and self._starting(s)]
-        self.last = "first token" if starting else "decode"
+        self.gave_first_token = bool(starting)
         if starting:  # one a step, the shortest prompt first: each first token is sent as soon as it is made
             return [self._first_token(min(starting, key=self._unfed))]
         alone = self.sequences[0] if len(self.sequences) == 1 else None
@@ -267,9 +267,8 @@ class Decoder:
         """`seq`'s first token from the target's pass over its prompt (the shapes a target decoding
         alone uses: its prefill, then a pass over the last prompt token), its drafter not fed yet.
         Afterwards the target's cache holds all of its tokens but the last, as after any token."""
-        cache = make_prompt_cache(self.target) if seq.target_cache is None else seq.target_cache
         history = seq.history
-        _catch_up(self.target, cache, history[_held(cache) :], self.prefill_step)
+        cache = self._caught_up(self.target, seq.target_cache, history)
         logits = self.target(mx.array(history[-1:], mx.uint32)[None], cache=cache)[0, -1]
         if seq.logit_bias:
             logits = logits + bias_vector(seq.logit_bias, self.vocab)

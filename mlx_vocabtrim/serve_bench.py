@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -255,11 +256,10 @@ def pick_questions(path: str | Path, per_category: int | None, levels: list[int]
     from .questions import in_turn, read_questions
 
     need = 1 + sum(levels)
-    counts = [per_category] if per_category is not None else range(1, need + 1)
-    for count in counts:
-        picked = in_turn(read_questions(path, count))
-        if len(picked) >= need:
-            return picked[:need], count
+    picked = in_turn(read_questions(path, per_category))[:need]  # categories in turn: the fewest rounds
+    if len(picked) >= need:
+        rounds = max(Counter(q["category"] for q in picked).values())
+        return picked, per_category or rounds
     raise VocabTrimError(
         f"--clients {','.join(map(str, levels))} need {need} distinct questions (each level its own, one to warm "
         f"the servers up), and {path} gives {len(picked)}"
