@@ -166,7 +166,9 @@ class Decoder:
             self.schedule = {}
         self.lanes = SpecBatch(target, drafter) if self.schedule else None
         self.speculative_steps = self.spec_rounds = self.batched_steps = self.first_tokens = self.moves = 0
-        self.counted = offset(target_layers) is not None  # the target's cache says how many tokens it holds
+        # both caches say how many tokens they hold: then a drafter left behind (by a first token from the
+        # target alone, or by decoding in the plain batch) is caught up; one that counts nothing cannot be
+        self.counted = offset(target_layers) is not None and (drafter is None or offset(draft_layers) is not None)
         self.gave_first_token = False  # the last step was a first-token step
         if self.speculate:
             check_rollback(target_layers, "target")
@@ -286,6 +288,8 @@ class Decoder:
         sequence near its end finishes in the plain batch (of one, when alone: plain decoding)."""
         if seq.uid is None or self.drafter is None:
             return True
+        if not self.counted:  # its drafter could not be caught up on what the batch decoded
+            return False
         held = _held(seq.draft_cache)
         lacking = len(seq.history) - 1 - held
         step, per_token = self.setting.get("step_cost", STEP_COST), self.setting.get("token_cost", TOKEN_COST)

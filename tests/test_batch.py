@@ -96,6 +96,34 @@ def test_a_speculating_sequence_takes_its_first_token_before_its_drafter_is_fed(
         assert seq.plain_tokens == first and bool(seq.speculative_tokens) == first
 
 
+def test_a_drafter_whose_cache_counts_nothing_is_fed_the_whole_prompt(pair, monkeypatch):
+    """A recurrent drafter (mamba2: no layer of its cache counts tokens) beside a target whose cache
+    counts: nothing could tell how far behind such a drafter is, so the first token comes from the
+    speculative stream, which feeds both models the prompt (a first token from the target alone would
+    leave the drafter never fed it); and a sequence of the plain batch stays there. The target's output."""
+    from archs import make_arch
+
+    target, _ = pair
+    drafter = make_arch("mamba2", seed=5)
+    fed, call = [], type(drafter).__call__
+
+    def counting(self, inputs, *args, **kwargs):
+        fed.append(inputs.shape[-1])
+        return call(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(drafter), "__call__", counting)
+    decoder = Decoder(target, drafter, SETTING, eos=set())
+    seq = Sequence(PROMPTS[2], 10)
+    run(decoder, [(0, seq)])
+    assert decoder.first_tokens == 0 and max(fed) == len(seq.prompt) - 1, fed
+    assert seq.tokens == alone(target, seq.prompt, 10) and seq.speculative_tokens == 10
+    fed.clear()
+    seqs = [Sequence(PROMPTS[2], 30), Sequence(PROMPTS[0], 4)]
+    run(decoder, [(0, seqs[0]), (0, seqs[1])])  # the second ends first: the first is left alone in the batch
+    assert fed == [] and seqs[0].batched_tokens == 30, "no drafter to catch up: it finishes plainly"
+    assert [s.tokens for s in seqs] == [alone(target, s.prompt, s.max_tokens) for s in seqs]
+
+
 def test_speculation_stops_while_others_run_and_resumes(pair):
     """Counters, not timings: with two sequences no drafts; once one is left, drafts again."""
     target, drafter = pair
