@@ -14,6 +14,7 @@ each repeat runs every server in turn (on a machine whose speed drifts, passes o
 all at one time).
 """
 
+import http.client
 import json
 import socket
 import statistics
@@ -122,7 +123,7 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
                     finish = c.get("finish_reason") or finish
     except urllib.error.HTTPError as e:
         raise VocabTrimError(f"{url} answered {e.code}: {e.read()[:300]!r}") from None
-    except OSError as e:  # URLError included: the connection broke while the answer streamed
+    except (OSError, http.client.HTTPException) as e:  # URLError, IncompleteRead: it broke while streaming
         raise VocabTrimError(f"{url} broke off a streamed answer ({e}): see the server's log in --out") from None
     seconds = time.perf_counter() - tic
     if tokens is None:

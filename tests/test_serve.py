@@ -1088,6 +1088,7 @@ def test_bench_serve_sends_again_a_request_whose_connection_was_dropped(monkeypa
     """A server that resets a connection before answering (mlx_lm.server does with 16 at once) gets the
     request again, its latency counted from the first try; a break while the answer streams, or resets
     that go on, are one line."""
+    import http.client
     import io
     import urllib.request
 
@@ -1115,14 +1116,16 @@ def test_bench_serve_sends_again_a_request_whose_connection_was_dropped(monkeypa
         serve_bench.ask("http://127.0.0.1:1", "Hello", 4)
     assert len(tries) == serve_bench.CONNECT_TRIES
 
-    class Broken(io.BytesIO):
-        def __iter__(self):
-            yield stream.splitlines(keepends=True)[0]
-            raise ConnectionResetError(104, "Connection reset by peer")
+    for error in (ConnectionResetError(104, "Connection reset by peer"), http.client.IncompleteRead(b"")):
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Broken())
-    with pytest.raises(VocabTrimError, match="broke off a streamed answer"):
-        serve_bench.ask("http://127.0.0.1:1", "Hello", 4)
+        class Broken(io.BytesIO):
+            def __iter__(self, error=error):
+                yield stream.splitlines(keepends=True)[0]
+                raise error  # a reset, or a server that closed the connection inside a chunk
+
+        monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Broken())
+        with pytest.raises(VocabTrimError, match="broke off a streamed answer"):
+            serve_bench.ask("http://127.0.0.1:1", "Hello", 4)
 
 
 def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_dirs, vocab_file, tmp_path, monkeypatch):
