@@ -11,7 +11,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_step
 from mlx_lm.models.cache import CacheList, KVCache, RotatingKVCache, make_prompt_cache
 
 from .blas import blas_library
+from .checks import check_draft_threshold, check_lookup, check_num_draft_tokens
 from .errors import VocabTrimError
 from .files import write_text_whole
 from .profiles import Setting
@@ -559,37 +560,71 @@ def runs_as_dicts(runs: list[Run]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "from_draft"} for r in runs]
 
 
-def parse_methods(
-    spec: str, num_draft_tokens: int, draft_threshold: float, lookup_ngram: int, lookup_tokens: int
-) -> list[tuple[str, Setting]]:
-    """(name, setting) of each of --methods: full or trim@K, then optional +ctx, +lookup and +adaptive."""
-    methods = []
-    for name in [m.strip() for m in spec.split(",") if m.strip()]:
-        head, *extras = name.split("+")
-        if head != "full" and not (head.startswith("trim@") and head[5:].isdigit() and int(head[5:]) > 0):
-            raise VocabTrimError(
-                f"--methods: {name!r} is not full or trim@K (with +ctx, +lookup, +adaptive): e.g. trim@16384+ctx"
-            )
-        known = {"ctx", "lookup", "adaptive"}
-        if set(extras) - known or len(set(extras)) != len(extras) or (head == "full" and "ctx" in extras):
+METHOD_FORM = "full or trim@K, then +ctx, +lookup[N/C], +adaptive, then ' xG' (or ' x<=G adaptive') and ' stop<T'"
+PROFILE_METHOD = "profile"  # the setting `generate` uses with no flags: the pair's profile on this machine
+
+
+def parse_method(name: str, defaults: Setting) -> Setting:
+    """One of --methods in the notation bench reports methods under (`Setting.name`), so a reported
+    method runs again as named: e.g. 'trim@16384+ctx+lookup4/16 x5 stop<0.6'. What it leaves out
+    comes from `defaults` (the --num-draft-tokens, --draft-threshold and --lookup-* flags), except
+    that a named length (' xG') drafts to it without a threshold unless ' stop<T' names one."""
+    bad = VocabTrimError(f"--methods: {name!r} is not {METHOD_FORM}: e.g. 'trim@16384+ctx+lookup3/8 x5 stop<0.6'")
+    words = name.split()
+    head, *extras = words[0].split("+")
+    if head != "full" and not (head.startswith("trim@") and head[5:].isdigit() and int(head[5:]) > 0):
+        raise bad
+    setting = replace(defaults, k=None if head == "full" else int(head[5:]), lookup_ngram=0)
+    seen = set()
+    for extra in extras:
+        kind = "lookup" if extra.startswith("lookup") else extra
+        if kind not in ("ctx", "lookup", "adaptive") or kind in seen or (head == "full" and kind == "ctx"):
             raise VocabTrimError(
                 f"--methods: {name!r} takes +ctx (trimmed heads only), +lookup and +adaptive, each once"
             )
-        k = None if head == "full" else int(head[5:])
-        methods.append(
-            (
-                name,
-                Setting(
-                    k,
-                    num_draft_tokens,
-                    draft_threshold,
-                    "ctx" in extras,
-                    lookup_ngram if "lookup" in extras else 0,
-                    lookup_tokens,
-                    "adaptive" in extras,
-                ),
-            )
-        )
+        seen.add(kind)
+        if kind == "lookup":
+            n, slash, c = extra[6:].partition("/")
+            if extra != "lookup" and not (n.isdigit() and slash and c.isdigit()):
+                raise bad
+            setting = replace(setting, lookup_ngram=int(n) if n else defaults.lookup_ngram)
+            setting = replace(setting, lookup_tokens=int(c) if c else defaults.lookup_tokens)
+        else:
+            setting = replace(setting, **{"context_head" if kind == "ctx" else "adaptive": True})
+    if any(word.startswith("x") for word in words[1:]):  # a named length is fixed unless it names a threshold
+        setting = replace(setting, draft_threshold=0.0)
+    for word in words[1:]:
+        if word.startswith("x<=") and word[3:].isdigit():
+            setting = replace(setting, num_draft_tokens=int(word[3:]), adaptive=True)
+        elif word.startswith("x") and word[1:].isdigit():
+            setting = replace(setting, num_draft_tokens=int(word[1:]))
+        elif word == "adaptive":
+            setting = replace(setting, adaptive=True)
+        elif word.startswith("stop<"):
+            try:
+                setting = replace(setting, draft_threshold=float(word[5:]))
+            except ValueError:
+                raise bad from None
+        else:
+            raise bad
+    try:
+        check_num_draft_tokens(setting.num_draft_tokens)
+        check_draft_threshold(setting.draft_threshold)
+        check_lookup(setting.lookup_ngram, setting.lookup_tokens)
+    except VocabTrimError as e:
+        raise VocabTrimError(f"--methods: {name!r}: {e}") from None
+    return setting
+
+
+def parse_methods(
+    spec: str, num_draft_tokens: int, draft_threshold: float, lookup_ngram: int, lookup_tokens: int
+) -> list[tuple[str, Setting | None]]:
+    """(name, setting) of each of --methods (see `parse_method`); the setting None for `profile`,
+    which needs the pair to be known."""
+    defaults = Setting(None, num_draft_tokens, draft_threshold, False, lookup_ngram, lookup_tokens)
+    methods = []
+    for name in [" ".join(m.split()) for m in spec.split(",") if m.strip()]:
+        methods.append((name, None if name == PROFILE_METHOD else parse_method(name, defaults)))
     return methods
 
 
@@ -788,9 +823,18 @@ def _bench(
         "seed": seed,
     }
     entries, log = resume_log(out, config)
-    needs_vocab = auto or any(s.k is not None for _, s in sweep)
+    needs_vocab = auto or any(s is None or s.k is not None for _, s in sweep)
     target, tokenizer, drafter, ranked, vocab_used, *paths = _pair(model, draft_model, vocab, needs_vocab)
     rows = head_rows(drafter)
+    if any(s is None for _, s in sweep):
+        from .profiles import DEFAULT, find_profile, model_key
+
+        found, where = find_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]))
+        profile = found or DEFAULT
+        if profile.k is not None and profile.k >= rows:  # a head that keeps every row is the full head
+            profile = replace(profile, k=None)
+        echo(f"{PROFILE_METHOD}: {profile.name(rows)} (from the {where or 'built-in default'})", err=True)
+        sweep = [(f"{PROFILE_METHOD}: {profile.name(rows)}", profile) if s is None else (n, s) for n, s in sweep]
     drafters = {None: drafter}
 
     def method(name: str, setting: Setting) -> Method:

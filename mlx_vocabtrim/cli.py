@@ -577,13 +577,15 @@ def tune(model, draft_model, vocab, ks, questions, prompts, max_tokens, max_prom
     "--methods",
     default="full,trim@16384,trim@32768",
     show_default=True,
-    help="Our settings to run, comma-separated: full or trim@K, optionally +ctx (context head) and "
-    "+lookup (prompt lookup); '' for none.",
+    help="Our settings to run, comma-separated: full or trim@K, optionally +ctx (context head), "
+    "+lookup (prompt lookup; +lookupN/C: its n and most copied tokens) and +adaptive, then ' xG' (draft "
+    "length) and ' stop<T' (threshold), as bench names its methods; profile: the pair's profile (what "
+    "generate uses with no flags); '' for none.",
 )
-@num_draft_tokens_option(3, "Draft length of --methods.")
-@draft_threshold_option(0.0, "Draft threshold of --methods (0: fixed length).")
-@count_option("--lookup-ngram", 3, "Prompt lookup's n for +lookup methods.", 1, 16)
-@count_option("--lookup-tokens", 8, "Most tokens +lookup methods copy per target call.", 1, 64)
+@num_draft_tokens_option(3, "Draft length of --methods that name none.")
+@draft_threshold_option(0.0, "Draft threshold of --methods that name none (0: fixed length).")
+@count_option("--lookup-ngram", 3, "Prompt lookup's n for +lookup methods that name none.", 1, 16)
+@count_option("--lookup-tokens", 8, "Most tokens +lookup methods copy per target call, where they name none.", 1, 64)
 @click.option(
     "--k",
     "ks",

@@ -4,6 +4,8 @@ and the tuner's replay matching real runs exactly."""
 
 import json
 import random
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +19,7 @@ from mlx_vocabtrim import VocabTrimError
 from mlx_vocabtrim.bench import Method, Run, check_lossless, count_passes, parse_methods, run_method, step_bytes
 from mlx_vocabtrim.calibrate import chat_prompt
 from mlx_vocabtrim.cli import cli
-from mlx_vocabtrim.profiles import Setting
+from mlx_vocabtrim.profiles import Setting, model_key, save_profile
 from mlx_vocabtrim.questions import PACKAGED_QUESTIONS, read_questions, tuning_questions
 from mlx_vocabtrim.resolve import load as resolve_load
 from mlx_vocabtrim.speculative import SpecStats, speculative_generate_step
@@ -139,9 +141,53 @@ def test_parse_methods():
     assert [n for n, _ in methods] == ["full", "trim@40+ctx", "trim@40+lookup+ctx", "full+lookup"]
     assert methods[2][1] == Setting(40, 3, 0.5, True, 2, 6)
     assert methods[3][1] == Setting(None, 3, 0.5, False, 2, 6)
-    for bad in ("trim@x", "full+ctx", "trim@40+ctx+ctx", "half"):
+    for bad in ("trim@x", "full+ctx", "trim@40+ctx+ctx", "half", "trim@40 x", "trim@40+lookup3", "full stop<a"):
         with pytest.raises(VocabTrimError, match="--methods"):
             parse_methods(bad, 3, 0.0, 2, 6)
+    for bad in ("full x99", "full stop<1", "full+lookup99/8", "full+lookup3/0"):  # values out of range, named
+        with pytest.raises(VocabTrimError, match=f"--methods: {re.escape(repr(bad))}: .* out of range"):
+            parse_methods(bad, 3, 0.0, 2, 6)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        Setting(16384, 5, 0.6, True, 4, 16),
+        Setting(None, 12, 0.95, False, 5, 32),
+        Setting(8192, 7, 0.0, True, 0, 8, True),
+        Setting(None, 0, 0.0, False, 3, 8),
+        Setting(40, 2, 0.3, False, 0, 8, True),
+    ],
+)
+def test_a_reported_method_name_runs_as_named(setting):
+    """--methods takes the names bench reports its methods under (the auto choice's included), each
+    part overriding the flags' defaults, so a reported setting can be run again exactly."""
+    name = setting.name(full_rows=320)
+    ((parsed_name, parsed),) = parse_methods(name, 9, 0.1, 7, 40)
+    if not setting.lookup_ngram:  # how many tokens a lookup that is off would copy does not matter
+        parsed = replace(parsed, lookup_tokens=setting.lookup_tokens)
+    assert (parsed_name, parsed) == (name, setting)
+    assert parse_methods(f"  {name.replace(' ', '   ')} ", 9, 0.1, 7, 40)[0][0] == name
+    assert parse_methods("profile", 3, 0.0, 2, 6) == [("profile", None)]
+
+
+def test_the_profile_method_runs_the_pairs_profile(model_dirs, bench_inputs, tmp_path, monkeypatch):
+    """`--methods profile` runs what generate uses with no flags (the pair's saved profile here),
+    beside a setting named in full: each run drafts as its name says."""
+    monkeypatch.setenv("MLX_VOCABTRIM_CACHE", str(tmp_path / "cache"))
+    target, drafter = str(model_dirs["target"]), str(model_dirs["drafter"])
+    save_profile(model_key(target, target), model_key(drafter, drafter), Setting(40, 1, 0.0, True, 0, 8), {})
+    methods = "profile,trim@40+lookup2/12 x4"
+    args = bench_args(model_dirs, bench_inputs, tmp_path / "out", "--methods", methods, "--baseline", "2")
+    result = CliRunner().invoke(cli, [*args, "--per-category", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    summary = report["summary"]
+    assert list(summary)[-2:] == ["profile: trim@40+ctx x1", "trim@40+lookup2/12 x4"]
+    assert report["head_rows"] == {"mlx-lm-spec@3": 320, "mlx-lm-spec@2": 320} | dict.fromkeys(list(summary)[-2:], 40)
+    profile, named = summary["profile: trim@40+ctx x1"], summary["trim@40+lookup2/12 x4"]
+    assert profile["drafts_per_call"] <= 1 < named["drafts_per_call"]
+    assert profile["context_rows"] > 0 == named["context_rows"]
 
 
 def test_sweep_with_repeats_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
