@@ -105,7 +105,7 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
         url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     tic = time.perf_counter()
-    text, first, tokens, finish = "", None, None, None
+    text, first, tokens, finish, usage = "", None, None, None, {}
     try:
         with _connect(request) as response:
             for raw in response:
@@ -114,7 +114,8 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
                     continue
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
+                    tokens = usage["completion_tokens"]
                 for c in chunk.get("choices", []):
                     piece = (c.get("delta") or {}).get("content") or ""
                     if piece and first is None:
@@ -134,6 +135,8 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
         "seconds": seconds,
         "first_token_s": first if first is not None else seconds,
         "finish_reason": finish,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
     }
 
 
@@ -180,6 +183,8 @@ def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | No
     aggregate = [sum(r["completion_tokens"] for r in answers) / wall for answers, wall in passes]
     latency = [r["seconds"] for answers, _ in passes for r in answers]
     first = [r["first_token_s"] for answers, _ in passes for r in answers]
+    answers = [r for answers, _ in passes for r in answers]
+    counted = all(r.get("prompt_tokens") is not None for r in answers)  # passes logged before these were kept
     unlike = None
     if target is not None:
         unlike = sum(r["text"] != t for answers, _ in passes for r, t in zip(answers, target, strict=False))
@@ -191,6 +196,8 @@ def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | No
         "median_first_token_s": statistics.median(first),
         "requests": len(latency),
         "unlike_target": unlike,
+        "prompt_tokens": sum(r["prompt_tokens"] for r in answers) if counted else None,
+        "cached_prompt_tokens": sum(r["cached_tokens"] for r in answers) if counted else None,
     }
 
 
@@ -217,16 +224,18 @@ def markdown(summary: dict[str, dict], env: dict, levels: list[int], max_tokens:
         lines.append(f"| {level} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
     lines += [
         "",
-        "| clients | server | median latency s | p95 latency s | median first token s | outputs unlike the target's |",
-        "|---|---|---|---|---|---|",
+        "| clients | server | median latency s | p95 latency s | median first token s | prompt tokens cached "
+        "| outputs unlike the target's |",
+        "|---|---|---|---|---|---|---|",
     ]
     for level in levels:
         for n in names:
             f = summary[n][str(level)]
             unlike = "-" if f["unlike_target"] is None else f"{f['unlike_target']} of {f['requests']}"
+            cached = "-" if f.get("prompt_tokens") is None else f"{f['cached_prompt_tokens']} of {f['prompt_tokens']}"
             lines.append(
                 f"| {level} | {n} | {f['median_latency_s']:.2f} | {f['p95_latency_s']:.2f} | "
-                f"{f['median_first_token_s']:.2f} | {unlike} |"
+                f"{f['median_first_token_s']:.2f} | {cached} | {unlike} |"
             )
     return "\n".join(lines) + "\n"
 

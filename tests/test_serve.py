@@ -1069,8 +1069,19 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     ours = report["summary"]["mlx-vocabtrim serve"]
     assert ours["1"]["unlike_target"] == 0 and ours["3"]["unlike_target"] == 0
     assert len(report["requests"]) == 3 * (1 + 3) and all(r["completion_tokens"] >= 1 for r in report["requests"])
+    for name, figures in report["summary"].items():  # prompt tokens each server took from its prompt cache
+        for level, n in (("1", 1), ("3", 3)):
+            records = [r for r in report["requests"] if (r["server"], r["clients"]) == (name, n)]
+            assert figures[level]["prompt_tokens"] == sum(r["prompt_tokens"] for r in records) > 0
+            assert figures[level]["cached_prompt_tokens"] == sum(r["cached_tokens"] for r in records)
+    # distinct questions still share the chat template's head, which mlx_lm.server's prompt cache keeps
+    assert all(
+        0 < r["cached_tokens"] < r["prompt_tokens"] for r in report["requests"] if r["server"] == "mlx_lm.server"
+    )
     table = (out / "bench-serve.md").read_text()
     assert "| 3 | " in table and "ours over the better mlx_lm.server" in table
+    cached = report["summary"]["mlx_lm.server"]["3"]
+    assert f"| {cached['cached_prompt_tokens']} of {cached['prompt_tokens']} |" in table
     assert table in result.output
     refused = CliRunner().invoke(
         cli, [*args[:-2], "--clients", "1,2", "--per-category", "1", "--out", str(tmp_path / "o2")]
