@@ -374,6 +374,8 @@ class Decoder:
         few dozen tokens is compute-bound, so padding is work thrown away (one pass per prompt instead
         costs a decode step of the others between them)."""
         lengths = sorted(n for n in map(self._unfed, joining) if n > 1)  # prompts (others fed all but one)
+        # those with one token to feed sort first, and each takes a place in the group mlx-lm prefills together
+        # (then goes straight to decoding): the group holds them and the `together` shortest prompts
         for seq in sorted(joining, key=self._unfed):
             self._join_batch(seq)
         together = 1
@@ -382,7 +384,7 @@ class Decoder:
         ):
             together += 1
         if lengths:
-            self.batch.prefill_batch_size = together
+            self.batch.prefill_batch_size = len(joining) - len(lengths) + together
 
     def _unfed(self, seq: Sequence) -> int:
         """Tokens of `seq` its target cache has yet to process."""

@@ -183,6 +183,15 @@ def test_prompts_joining_the_plain_batch_are_prefilled_together_only_where_paddi
     assert prefills == [(1, 29), (2, 6)], prefills  # all but each prompt's last token
     for seq in seqs:
         assert seq.tokens == alone(target, seq.prompt, 4)
+    # the same two short prompts joining a sequence that leaves its stream for the plain batch (its one
+    # token to feed must not take a place of the prompts prefilled together)
+    decoder, shapes[:] = Decoder(target, drafter, SETTING, eos=set()), []
+    first, joining = Sequence(PROMPTS[2], 30), [Sequence(p, 4) for p in PROMPTS[:2]]
+    run(decoder, [(0, first), (3, joining[0]), (3, joining[1])])
+    assert first.speculative_tokens and first.batched_tokens
+    assert (2, 6) in shapes, shapes
+    for seq in [first, *joining]:
+        assert seq.tokens == alone(target, seq.prompt, seq.max_tokens)
 
 
 def test_batch_generate_is_each_prompt_alone(pair):
