@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 import zlib
 from collections import defaultdict
@@ -28,6 +27,7 @@ from .checks import check_draft_threshold, check_lookup, check_num_draft_tokens
 from .errors import VocabTrimError
 from .files import write_text_whole
 from .profiles import Setting
+from .progress import progress
 from .speculative import SpecStats, speculative_generate_step
 from .trim import head_bytes, head_rows
 from .tune import PREFILL_STEP
@@ -689,9 +689,7 @@ def _tune(target, tokenizer, drafter, ranked, ks, tuning, max_tokens, max_prompt
     rows = head_rows(drafter)
     keeps = {k: keep_ids(ranked, k, rows, tokenizer) for k in ks if k < rows}
     prompts = [chat_prompt(tokenizer, q["prompt"], max_prompt_tokens) for q in tuning]
-    import click
-
-    with click.progressbar(length=len(prompts), label="Tuning", file=sys.stderr, show_eta=True) as bar:
+    with progress(len(prompts), "Tuning") as bar:
         result = tune(target, drafter, prompts, max_tokens, set(tokenizer.eos_token_ids), keeps, lambda: bar.update(1))
     result["tuning_questions"] = [q["question_id"] for q in tuning]
     return result
@@ -791,8 +789,6 @@ def _bench(
     save_profile,
     echo,
 ) -> dict:
-    import click
-
     from .calibrate import chat_prompt
     from .files import command_line
     from .questions import tuning_questions
@@ -889,9 +885,7 @@ def _bench(
     warm = encode("Say hi.")
     for m in method_list:  # every method starts warm
         run_method(m, target, warm, 4, temp, top_p, eos)
-    with click.progressbar(
-        length=len(qs) * len(method_list) * repeats, label="Benchmark", file=sys.stderr, show_eta=True
-    ) as bar:
+    with progress(len(qs) * len(method_list) * repeats, "Benchmark") as bar:
         runs = interleave(
             qs,
             method_list,

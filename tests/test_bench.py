@@ -213,6 +213,8 @@ def test_sweep_with_repeats_writes_consistent_figures(model_dirs, bench_inputs, 
     assert report["baseline"] == max(rates, key=rates.get), "the faster of mlx-lm's default and the asked length"
     runs = report["runs"]
     assert len(runs) == 6 * len(names) * 2
+    total = len(runs)  # off a terminal, progress is lines a log can be read by
+    assert f"Benchmark: 0/{total} (0%)\n" in result.output and f"Benchmark: {total}/{total} (100%), " in result.output
     orders = {}
     for r in runs:
         orders.setdefault(r["question_id"], []).append((r["method"], r["repeat"]))
