@@ -564,6 +564,10 @@ METHOD_FORM = "full or trim@K, then +ctx, +lookup[N/C], +adaptive, then ' xG' (o
 PROFILE_METHOD = "profile"  # the setting `generate` uses with no flags: the pair's profile on this machine
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit() also takes '²', which int() refuses
+
+
 def parse_method(name: str, defaults: Setting) -> Setting:
     """One of --methods in the notation bench reports methods under (`Setting.name`), so a reported
     method runs again as named: e.g. 'trim@16384+ctx+lookup4/16 x5 stop<0.6'. What it leaves out
@@ -572,7 +576,7 @@ def parse_method(name: str, defaults: Setting) -> Setting:
     bad = VocabTrimError(f"--methods: {name!r} is not {METHOD_FORM}: e.g. 'trim@16384+ctx+lookup3/8 x5 stop<0.6'")
     words = name.split()
     head, *extras = words[0].split("+")
-    if head != "full" and not (head.startswith("trim@") and head[5:].isdigit() and int(head[5:]) > 0):
+    if head != "full" and not (head.startswith("trim@") and _digits(head[5:]) and int(head[5:]) > 0):
         raise bad
     setting = replace(defaults, k=None if head == "full" else int(head[5:]), lookup_ngram=0)
     seen = set()
@@ -585,7 +589,7 @@ def parse_method(name: str, defaults: Setting) -> Setting:
         seen.add(kind)
         if kind == "lookup":
             n, slash, c = extra[6:].partition("/")
-            if extra != "lookup" and not (n.isdigit() and slash and c.isdigit()):
+            if extra != "lookup" and not (_digits(n) and slash and _digits(c)):
                 raise bad
             setting = replace(setting, lookup_ngram=int(n) if n else defaults.lookup_ngram)
             setting = replace(setting, lookup_tokens=int(c) if c else defaults.lookup_tokens)
@@ -594,9 +598,9 @@ def parse_method(name: str, defaults: Setting) -> Setting:
     if any(word.startswith("x") for word in words[1:]):  # a named length is fixed unless it names a threshold
         setting = replace(setting, draft_threshold=0.0)
     for word in words[1:]:
-        if word.startswith("x<=") and word[3:].isdigit():
+        if word.startswith("x<=") and _digits(word[3:]):
             setting = replace(setting, num_draft_tokens=int(word[3:]), adaptive=True)
-        elif word.startswith("x") and word[1:].isdigit():
+        elif word.startswith("x") and _digits(word[1:]):
             setting = replace(setting, num_draft_tokens=int(word[1:]))
         elif word == "adaptive":
             setting = replace(setting, adaptive=True)

@@ -141,7 +141,19 @@ def test_parse_methods():
     assert [n for n, _ in methods] == ["full", "trim@40+ctx", "trim@40+lookup+ctx", "full+lookup"]
     assert methods[2][1] == Setting(40, 3, 0.5, True, 2, 6)
     assert methods[3][1] == Setting(None, 3, 0.5, False, 2, 6)
-    for bad in ("trim@x", "full+ctx", "trim@40+ctx+ctx", "half", "trim@40 x", "trim@40+lookup3", "full stop<a"):
+    for bad in (
+        "trim@x",
+        "full+ctx",
+        "trim@40+ctx+ctx",
+        "half",
+        "trim@40 x",
+        "trim@40+lookup3",
+        "full stop<a",
+        "trim@²",
+        "full x²",
+        "+",
+        "full+lookup/8",
+    ):
         with pytest.raises(VocabTrimError, match="--methods"):
             parse_methods(bad, 3, 0.0, 2, 6)
     for bad in ("full x99", "full stop<1", "full+lookup99/8", "full+lookup3/0"):  # values out of range, named
