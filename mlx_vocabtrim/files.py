@@ -61,7 +61,8 @@ def clean_stale(path: Path) -> None:
         return
     for entry in path.parent.glob(prefix + "*"):
         pid, *rest = entry.name[len(prefix) :].split("-", 1)
-        stale = not _alive(int(pid)) if pid.isdigit() and rest else time.time() - entry.lstat().st_mtime > 3600
+        ours = pid.isascii() and pid.isdigit() and rest  # `.NAME.partial-PID-*`
+        stale = not _alive(int(pid)) if ours else time.time() - entry.lstat().st_mtime > 3600
         if stale:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 

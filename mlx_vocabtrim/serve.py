@@ -1027,7 +1027,7 @@ async def read_body(request: Any, seconds: float, gone: Callable[[], None]) -> b
     from starlette.requests import ClientDisconnect
 
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_BYTES:
+    if declared.isascii() and declared.isdigit() and int(declared) > DRAIN_BYTES:
         raise RequestError(413, f"the request body is over {MAX_BODY_BYTES} bytes: send a shorter request")
 
     async def receive() -> tuple[bytearray, int]:

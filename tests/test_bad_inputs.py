@@ -663,11 +663,14 @@ def test_partial_outputs_of_killed_runs_are_removed_by_the_next_run(env, tokeniz
         stale_file = write(env.dir / f".{name}.partial-{dead}-old", b"x")
         running = env.dir / f".{name}.partial-{live}-busy"
         running.mkdir()
+        odd = write(env.dir / f".{name}.partial-\u00b2-odd", b"x")  # no process id: left until an hour old
         code, out = run_cli(args)
         assert code == 0, out
         assert not stale.exists() and not stale_file.exists(), "the killed run's partial output is removed"
         assert running.exists(), "a running process's partial output is left alone"
+        assert odd.exists()
         shutil.rmtree(running)
+        odd.unlink()
     assert sorted(p.name for p in env.dir.iterdir()) == ["converted", "m.gguf", "trimmed"]
 
 
