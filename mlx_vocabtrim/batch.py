@@ -170,6 +170,7 @@ class Decoder:
         # target alone, or by decoding in the plain batch) is caught up; one that counts nothing cannot be
         self.counted = offset(target_layers) is not None and (drafter is None or offset(draft_layers) is not None)
         self.gave_first_token = False  # the last step was a first-token step
+        self.group: int | None = None  # prompts to prefill together, set after the group forms (`_batched`)
         if self.speculate:
             check_rollback(target_layers, "target")
             check_rollback(draft_layers, "drafter")
@@ -385,6 +386,7 @@ class Decoder:
             together += 1
         if lengths:
             self.batch.prefill_batch_size = len(joining) - len(lengths) + together
+            self.group = together  # the size once those with one token to feed have left the group
 
     def _unfed(self, seq: Sequence) -> int:
         """Tokens of `seq` its target cache has yet to process."""
@@ -452,7 +454,13 @@ class Decoder:
     def _batched(self) -> list[Event]:
         events = []
         self.batched_steps += 1
-        for response in self.batch.next_generated():
+        while True:  # mlx-lm's next_generated, one pass at a time
+            prompts, generated = self.batch.next()
+            if self.group is not None:  # its first pass formed the prefill group: later ones take `together`
+                self.batch.prefill_batch_size, self.group = self.group, None
+            if generated or not prompts:
+                break
+        for response in generated:
             seq = self.by_uid.get(response.uid)
             if seq is None:
                 continue

@@ -192,6 +192,15 @@ def test_prompts_joining_the_plain_batch_are_prefilled_together_only_where_paddi
     assert (2, 6) in shapes, shapes
     for seq in [first, *joining]:
         assert seq.tokens == alone(target, seq.prompt, seq.max_tokens)
+    # prompts of 20 and 60 tokens (not together) in passes of 8 beside a returning sequence: the group it
+    # shared with the 20-token prompt takes no other prompt once it has gone on to decoding
+    decoder, shapes[:] = Decoder(target, drafter, SETTING, eos=set(), prefill_step=8), []
+    first, joining = Sequence(PROMPTS[2], 30), [Sequence(list(range(100, 100 + n)), 4) for n in (20, 60)]
+    run(decoder, [(0, first), (3, joining[0]), (3, joining[1])])
+    assert first.speculative_tokens and first.batched_tokens
+    assert not [shape for shape in shapes if shape[0] > 1 and shape[1] > 1], shapes  # no padded prefill pass
+    for seq in [first, *joining]:
+        assert seq.tokens == alone(target, seq.prompt, seq.max_tokens)
 
 
 def test_batch_generate_is_each_prompt_alone(pair):

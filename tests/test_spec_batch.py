@@ -84,7 +84,7 @@ def test_sequences_joining_and_leaving_keep_their_rounds(pairs):
     target, drafters = pairs
     drafter = drafters["trim+ctx"]
     decoder = Decoder(target, drafter, {"num_draft_tokens": 4}, eos=set(), schedule={2: (3, 0.0), 3: (4, 0.5)})
-    seqs = [Sequence(p, 12 + 4 * i) for i, p in enumerate(PROMPTS)]
+    seqs = [Sequence(p, 12 + 6 * i) for i, p in enumerate(PROMPTS)]  # tokens enough left to speculate at 3
     cancelled = Sequence(PROMPTS[2], 40)
     seeded = Sequence(PROMPTS[1], 9, temp=1.0, seed=5)  # decodes in the plain batch beside the speculative one
     arrivals = [(0, seqs[0]), (3, seeded), (4, seqs[1]), (5, cancelled), (6, seqs[2]), (8, seqs[3]), (11, seqs[4])]
