@@ -23,7 +23,7 @@ from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_step
 from mlx_lm.models.cache import CacheList, KVCache, RotatingKVCache, make_prompt_cache
 
 from .blas import blas_library
-from .checks import check_draft_threshold, check_lookup, check_num_draft_tokens
+from .checks import check_count, check_draft_threshold, check_lookup, check_num_draft_tokens
 from .errors import VocabTrimError
 from .files import write_text_whole
 from .profiles import Setting
@@ -615,6 +615,8 @@ def parse_method(name: str, defaults: Setting) -> Setting:
         check_num_draft_tokens(setting.num_draft_tokens)
         check_draft_threshold(setting.draft_threshold)
         check_lookup(setting.lookup_ngram, setting.lookup_tokens)
+        if "lookup" in seen:  # a lookup of n = 0 would be none under a name that says lookup
+            check_count(setting.lookup_ngram, "--lookup-ngram", 1)
     except VocabTrimError as e:
         raise VocabTrimError(f"--methods: {name!r}: {e}") from None
     return setting

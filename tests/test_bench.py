@@ -156,7 +156,13 @@ def test_parse_methods():
     ):
         with pytest.raises(VocabTrimError, match="--methods"):
             parse_methods(bad, 3, 0.0, 2, 6)
-    for bad in ("full x99", "full stop<1", "full+lookup99/8", "full+lookup3/0"):  # values out of range, named
+    for bad in (
+        "full x99",
+        "full stop<1",
+        "full+lookup99/8",
+        "full+lookup3/0",
+        "full+lookup0/8",
+    ):  # values out of range, named
         with pytest.raises(VocabTrimError, match=f"--methods: {re.escape(repr(bad))}: .* out of range"):
             parse_methods(bad, 3, 0.0, 2, 6)
 
