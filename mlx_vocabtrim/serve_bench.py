@@ -181,10 +181,10 @@ def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | No
         return sorted(values)[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
 
     aggregate = [sum(r["completion_tokens"] for r in answers) / wall for answers, wall in passes]
-    latency = [r["seconds"] for answers, _ in passes for r in answers]
-    first = [r["first_token_s"] for answers, _ in passes for r in answers]
-    answers = [r for answers, _ in passes for r in answers]
-    counted = all(r.get("prompt_tokens") is not None for r in answers)  # passes logged before these were kept
+    requests = [r for answers, _ in passes for r in answers]
+    latency = [r["seconds"] for r in requests]
+    first = [r["first_token_s"] for r in requests]
+    counted = all(r.get("prompt_tokens") is not None for r in requests)  # passes logged before these were kept
     unlike = None
     if target is not None:
         unlike = sum(r["text"] != t for answers, _ in passes for r, t in zip(answers, target, strict=False))
@@ -196,8 +196,8 @@ def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | No
         "median_first_token_s": statistics.median(first),
         "requests": len(latency),
         "unlike_target": unlike,
-        "prompt_tokens": sum(r["prompt_tokens"] for r in answers) if counted else None,
-        "cached_prompt_tokens": sum(r["cached_tokens"] for r in answers) if counted else None,
+        "prompt_tokens": sum(r["prompt_tokens"] for r in requests) if counted else None,
+        "cached_prompt_tokens": sum(r["cached_tokens"] for r in requests) if counted else None,
     }
 
 
