@@ -298,16 +298,16 @@ def calibrate(
 
 
 @contextmanager
-def progress_bar(total: int, label: str) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(total: int, label: str, done: int = 0) -> Iterator[Callable[[int, int], None]]:
     """Progress over prompts showing tokens counted, tokens/s and the time left; yields
-    `advance(prompts, tokens)`."""
+    `advance(prompts, tokens)`. `done`: prompts a resumed run counted before."""
     state = {"tokens": 0, "start": time.perf_counter()}
 
     def show(_: Any) -> str:
         rate = state["tokens"] / max(time.perf_counter() - state["start"], 1e-9)
         return f"{state['tokens']} tokens, {rate:.1f} tok/s"
 
-    with progress(total, label, show) as bar:
+    with progress(total, label, show, done) as bar:
 
         def advance(prompts: int, tokens: int) -> None:
             state["tokens"] += tokens

@@ -334,7 +334,8 @@ def calibrate_command(
         }
         checkpoint = out.with_name(out.name + ".checkpoint")
         resume = resume_point(checkpoint, settings, -(-len(records) // batch_size), vocab_size)  # checked up front
-        with progress_bar(len(records), f"Calibrating ({source})") as advance:
+        done = min(resume[1] * batch_size, len(records))  # prompts of the batches a checkpoint holds
+        with progress_bar(len(records), f"Calibrating ({source})", done) as advance:
             counts = calibrate(
                 records, vocab_size, count, batch_size, seed, checkpoint, checkpoint_every, settings, advance, resume
             )

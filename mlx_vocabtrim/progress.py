@@ -24,9 +24,10 @@ def duration(seconds: float) -> str:
 class Lines:
     """click's progress bar interface (`update`), as lines: 'Label: 3/13 (23%), 12 min so far, about 40 min left'."""
 
-    def __init__(self, length: int, label: str, show: Callable[[Any], str | None] | None = None):
+    def __init__(self, length: int, label: str, show: Callable[[Any], str | None] | None = None, done: int = 0):
         self.length, self.label, self.show = length, label, show
-        self.pos, self.start, self.last = 0, time.monotonic(), time.monotonic()
+        self.pos = self.base = done  # steps done before this sitting (a resumed run) are not timed
+        self.start = self.last = time.monotonic()
         self._line(None)
 
     def update(self, steps: int, current_item: Any = None) -> None:
@@ -39,21 +40,26 @@ class Lines:
     def _line(self, item: Any) -> None:
         elapsed = time.monotonic() - self.start
         line = f"{self.label}: {self.pos}/{self.length} ({self.pos / max(self.length, 1):.0%})"
-        if self.pos:
+        if self.base and self.pos == self.base:
+            line += f", {self.base} done before"
+        elif self.pos:
             line += f", {duration(elapsed)} so far"
             if self.pos < self.length:
-                line += f", about {duration(elapsed / self.pos * (self.length - self.pos))} left"
+                line += f", about {duration(elapsed / (self.pos - self.base) * (self.length - self.pos))} left"
         shown = self.show(item) if self.show is not None else None
         click.echo(line + (f", {shown}" if shown else ""), err=True)
 
 
 @contextmanager
-def progress(length: int, label: str, show: Callable[[Any], str | None] | None = None) -> Iterator[Any]:
-    """A progress display with `update(steps, current_item=None)`; `show` adds text from the current item."""
+def progress(length: int, label: str, show: Callable[[Any], str | None] | None = None, done: int = 0) -> Iterator[Any]:
+    """A progress display with `update(steps, current_item=None)`; `show` adds text from the current item.
+    `done`: steps a resumed run finished before, shown as done and left out of the time estimate (on a
+    terminal the bar covers the steps left, its label says how many were done)."""
     if sys.stderr.isatty():
+        label = f"{label} ({done} of {length} done before)" if done else label
         with click.progressbar(
-            length=length, label=label, file=sys.stderr, show_eta=True, show_percent=True, item_show_func=show
+            length=length - done, label=label, file=sys.stderr, show_eta=True, show_percent=True, item_show_func=show
         ) as bar:
             yield bar
     else:
-        yield Lines(length, label, show)
+        yield Lines(length, label, show, done)

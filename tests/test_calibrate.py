@@ -235,7 +235,13 @@ def test_killed_cli_run_resumes(model_dirs, data_files, tmp_path):
         proc.kill()
         proc.wait()
     assert checkpoint.exists() and not (tmp_path / "resumed.json").exists(), "killed before the end"
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    done = json.loads(checkpoint.read_text())["batches_done"]
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("Calibrating")]
+    total = len((data_files / "bench.jsonl").read_text().splitlines())  # one prompt a batch
+    assert lines[0].startswith(f"Calibrating (target): {done}/{total} ({done / total:.0%}), {done} done before, ")
+    assert lines[-1].startswith(f"Calibrating (target): {total}/{total} (100%), "), resumed.stderr
     assert (
         load_vocab(tmp_path / "resumed.json")["counts"].tolist()
         == load_vocab(tmp_path / "whole.json")["counts"].tolist()
