@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import random
+import re
 import time
 import zlib
 from collections import defaultdict
@@ -276,8 +277,8 @@ def interleave(
     """Every method `repeats` times on each prompt in turn, in an order shuffled per prompt
     (seeded), so drift of the machine hits all methods alike.
 
-    Runs found in `done` (by question id, method and repeat) are reused, new ones go to `record`.
-    """
+    Runs found in `done` (by question id, method and repeat) are reused, new ones go to `record` and
+    `advance`."""
     runs = []
     for q in questions:
         prompt = encode(q["prompt"])
@@ -292,8 +293,8 @@ def interleave(
                 run.category, run.question_id, run.repeat = q["category"], q["question_id"], r
                 if record is not None:
                     record(run)
+                advance()
             runs.append(run)
-            advance()
     return runs
 
 
@@ -562,6 +563,8 @@ def runs_as_dicts(runs: list[Run]) -> list[dict]:
 
 METHOD_FORM = "full or trim@K, then +ctx, +lookup[N/C], +adaptive, then ' xG' (or ' x<=G adaptive') and ' stop<T'"
 PROFILE_METHOD = "profile"  # the setting `generate` uses with no flags: the pair's profile on this machine
+# the labels bench reports before a setting's name ('auto: ', 'auto, best static: ', 'profile: ')
+REPORTED_LABEL = re.compile(r"(?:^|(?<=,))\s*(?:auto(?:, best (?:static|adaptive)|, both features)?|profile):\s*")
 
 
 def _digits(text: str) -> bool:
@@ -629,6 +632,7 @@ def parse_methods(
     which needs the pair to be known."""
     defaults = Setting(None, num_draft_tokens, draft_threshold, False, lookup_ngram, lookup_tokens)
     methods = []
+    spec = REPORTED_LABEL.sub("", spec)  # a name copied from a report, label and all, runs as its setting
     for name in [" ".join(m.split()) for m in spec.split(",") if m.strip()]:
         methods.append((name, None if name == PROFILE_METHOD else parse_method(name, defaults)))
     return methods
@@ -825,7 +829,7 @@ def _bench(
         "seed": seed,
     }
     entries, log = resume_log(out, config)
-    needs_vocab = auto or any(s is None or s.k is not None for _, s in sweep)
+    needs_vocab = auto or any(s is not None and s.k is not None for _, s in sweep)
     target, tokenizer, drafter, ranked, vocab_used, *paths = _pair(model, draft_model, vocab, needs_vocab)
     rows = head_rows(drafter)
     if any(s is None for _, s in sweep):
@@ -833,9 +837,12 @@ def _bench(
 
         found, where = find_profile(model_key(model, paths[0]), model_key(draft_model, paths[1]))
         profile = found or DEFAULT
+        source = f"from the {where or 'built-in default'}"
+        if profile.k is not None and ranked is None:  # as generate: with no vocab, the full head
+            profile, source = replace(profile, k=None), f"{source}; the full head: no vocab matches"
         if profile.k is not None and profile.k >= rows:  # a head that keeps every row is the full head
             profile = replace(profile, k=None)
-        echo(f"{PROFILE_METHOD}: {profile.name(rows)} (from the {where or 'built-in default'})", err=True)
+        echo(f"{PROFILE_METHOD}: {profile.name(rows)} ({source})", err=True)
         sweep = [(f"{PROFILE_METHOD}: {profile.name(rows)}", profile) if s is None else (n, s) for n, s in sweep]
     drafters = {None: drafter}
 
@@ -891,7 +898,8 @@ def _bench(
     warm = encode("Say hi.")
     for m in method_list:  # every method starts warm
         run_method(m, target, warm, 4, temp, top_p, eos)
-    with progress(len(qs) * len(method_list) * repeats, "Benchmark") as bar:
+    planned = [(q["question_id"], m.name, r) for q in qs for m in method_list for r in range(repeats)]
+    with progress(len(planned), "Benchmark", done=sum(key in done for key in planned)) as bar:
         runs = interleave(
             qs,
             method_list,

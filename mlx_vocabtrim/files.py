@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -227,10 +228,13 @@ def check_output(
 
 
 def command_line() -> str:
-    """The running command with every option's resolved value: provenance that reruns it."""
+    """The running command with every option's resolved value: provenance that reruns it. Called from
+    Python (no click command running), the interpreter's own command line."""
     import click
 
-    ctx = click.get_current_context()
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return shlex.join([Path(sys.executable).name, *sys.argv])
     words = ["mlx-vocabtrim", ctx.info_name]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)

@@ -187,6 +187,8 @@ def test_a_reported_method_name_runs_as_named(setting):
     assert (parsed_name, parsed) == (name, setting)
     assert parse_methods(f"  {name.replace(' ', '   ')} ", 9, 0.1, 7, 40)[0][0] == name
     assert parse_methods("profile", 3, 0.0, 2, 6) == [("profile", None)]
+    for label in ("auto: ", "auto, best static: ", "auto, best adaptive: ", "profile: "):  # copied from a report
+        assert parse_methods(f"{label}{name},full x2", 9, 0.1, 7, 40)[0] == parse_methods(name, 9, 0.1, 7, 40)[0]
 
 
 def test_the_profile_method_runs_the_pairs_profile(model_dirs, bench_inputs, tmp_path, monkeypatch):
@@ -206,6 +208,31 @@ def test_the_profile_method_runs_the_pairs_profile(model_dirs, bench_inputs, tmp
     profile, named = summary["profile: trim@40+ctx x1"], summary["trim@40+lookup2/12 x4"]
     assert profile["drafts_per_call"] <= 1 < named["drafts_per_call"]
     assert profile["context_rows"] > 0 == named["context_rows"]
+
+
+def test_provenance_outside_a_command_is_the_interpreters_command_line(monkeypatch):
+    """Profiles and reports record the command that made them; called from Python, the script's."""
+    import shlex
+    import sys
+
+    from mlx_vocabtrim.files import command_line
+
+    monkeypatch.setattr(sys, "argv", ["job.py", "--name", "a b"])
+    assert command_line() == shlex.join([Path(sys.executable).name, "job.py", "--name", "a b"])
+
+
+def test_the_profile_method_without_a_vocab_runs_the_full_head(model_dirs, bench_inputs, tmp_path, monkeypatch):
+    """With no vocab for the pair, `profile` runs what generate then runs: the profile on the full head."""
+    monkeypatch.setenv("MLX_VOCABTRIM_CACHE", str(tmp_path / "cache"))
+    target, drafter = str(model_dirs["target"]), str(model_dirs["drafter"])
+    save_profile(model_key(target, target), model_key(drafter, drafter), Setting(40, 2, 0.0, True, 0, 8), {})
+    args = bench_args(model_dirs, bench_inputs, tmp_path / "out", "--methods", "profile", "--baseline", "2")
+    at = args.index("--vocab")
+    result = CliRunner().invoke(cli, [*args[:at], *args[at + 2 :], "--per-category", "1"])
+    assert result.exit_code == 0, result.output
+    assert "profile: full x2 (from the " in result.output and "the full head: no vocab matches" in result.output
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["head_rows"]["profile: full x2"] == 320
 
 
 def test_sweep_with_repeats_writes_consistent_figures(model_dirs, bench_inputs, tmp_path):
@@ -281,7 +308,6 @@ def test_auto_tunes_ours_and_the_baseline_then_saves_a_profile(model_dirs, bench
     assert len(settings_grid([40])) > tuned["settings_weighed"] > 300
     spec = {int(g): row["predicted_tokens_per_s"] for g, row in tuned["mlx_lm_spec"].items()}
     assert sorted(spec) == list(range(1, 13)) and tuned["mlx_lm_spec_best"] == max(spec, key=spec.get)
-    assert tuned["choice"]["predicted_tokens_per_s"] >= max(spec.values())
     # the prediction is about the choice: real runs of it on the tuning questions make the predicted rounds
     questions = {q["question_id"]: q for q in read_questions(bench_inputs / "question.jsonl", None)}
     target, tokenizer = load(str(model_dirs["target"]))
@@ -549,6 +575,7 @@ def test_an_interrupted_bench_resumes_where_it_stopped(model_dirs, bench_inputs,
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "6 runs done" in result.output and len(calls) == 4 + 48 - 6
+    assert "Benchmark: 6/48 (12%), 6 done before\n" in result.output and "Benchmark: 48/48 (100%)" in result.output
     report = json.loads((tmp_path / "bench.json").read_text())
     assert len(report["runs"]) == 48 and not log.exists()
     logged = {
