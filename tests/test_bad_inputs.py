@@ -323,15 +323,16 @@ def trim_into(out: Callable[[Path], Path], *extra: str, message: str) -> Callabl
     return build
 
 
-# fmt: off
 ROWS: dict[str, Callable[[Env], Case]] = {
     # data lost or silently wrong
     "calibrate --data X --out X": calibrate_data_out(),
     "calibrate --data X --out X --force": calibrate_data_out("--force"),
     "calibrate over an existing --out": calibrate_existing,
     "vocab merge over an existing --out": merge_existing,
-    "vocab merge --out an input": lambda env: Case(["vocab", "merge", str(existing_vocab(env)), str(env.vocab),
-                                                    "--out", str(env.dir / "v.json"), "--force"], "is also an input"),
+    "vocab merge --out an input": lambda env: Case(
+        ["vocab", "merge", str(existing_vocab(env)), str(env.vocab), "--out", str(env.dir / "v.json"), "--force"],
+        "is also an input",
+    ),
     "calibrate --temp -1": lambda env: Case(calibrate_args(env, "--temp", "-1"), "--temp -1.0 is out of range: use"),
     "calibrate --temp nan": lambda env: Case(calibrate_args(env, "--temp", "nan"), "--temp nan is out of range: use"),
     "checkpoint batches_done past the end": bad_checkpoint("says 99 batches are done, of 4: delete", batches_done=99),
@@ -359,51 +360,84 @@ ROWS: dict[str, Callable[[Env], Case]] = {
     "vocab without fingerprint": bad_vocab([1] * 320, fingerprint=False),
     "trim with negative vocab counts": trim_counts,
     "vocab merge --weights 100000000000000000,1": lambda env: Case(
-        ["vocab", "merge", str(env.vocab), str(env.vocab), "--weights", "100000000000000000,1", "--out",
-         str(env.dir / "m.json")], "--weights are too large"),
+        [
+            "vocab",
+            "merge",
+            str(env.vocab),
+            str(env.vocab),
+            "--weights",
+            "100000000000000000,1",
+            "--out",
+            str(env.dir / "m.json"),
+        ],
+        "--weights are too large",
+    ),
     "bench --temp -1": bench("--temp", "-1", message="--temp -1.0 is out of range"),
     "calibrate --data a directory of no data files": lambda env: Case(
         calibrate_args(env, data=write(env.dir / "notes" / "a.txt", "text").parent),
-        "holds no .json or .jsonl files: give a prompts file"),
+        "holds no .json or .jsonl files: give a prompts file",
+    ),
     "calibrate counting 0 tokens, --force over a vocab": calibrate_nothing,
     "checkpoint of data since changed": changed_setting(
-        "was made from other data (the --data content changed: sha256 sha256:000", data_sha256="sha256:" + "0" * 64),
+        "was made from other data (the --data content changed: sha256 sha256:000", data_sha256="sha256:" + "0" * 64
+    ),
     "checkpoint of another --max-tokens": changed_setting(
-        "other settings (--max-tokens was 999, now 256): run with the same settings again, or delete", max_tokens=999),
+        "other settings (--max-tokens was 999, now 256): run with the same settings again, or delete", max_tokens=999
+    ),
     "trim --out inside the drafter's directory": trim_into(
-        lambda drafter: drafter / "trimmed", message="is inside the input directory"),
+        lambda drafter: drafter / "trimmed", message="is inside the input directory"
+    ),
     "trim --out the drafter's parent, --force": trim_into(
-        lambda drafter: drafter.parent, "--force", message="holds the input directory"),
+        lambda drafter: drafter.parent, "--force", message="holds the input directory"
+    ),
     # never ends
-    "calibrate --data a FIFO": lambda env: Case(calibrate_args(env, data=fifo(env)),
-                                                "is not a regular file (a FIFO, device or socket)", process=True),
-    "generate of a prompt past the context": generate("--prompt", "word " * 1500,
-                                                      message="past the model's context of 1024 tokens: shorten"),
+    "calibrate --data a FIFO": lambda env: Case(
+        calibrate_args(env, data=fifo(env)), "is not a regular file (a FIFO, device or socket)", process=True
+    ),
+    "generate of a prompt past the context": generate(
+        "--prompt", "word " * 1500, message="past the model's context of 1024 tokens: shorten"
+    ),
     "chat --max-tokens -1": chat("--max-tokens", "-1", message="--max-tokens -1 is out of range: use 1 or more"),
     "bench --max-tokens -1": bench("--max-tokens", "-1", message="--max-tokens -1 is out of range: use 1 or more"),
     # tracebacks
-    "generate stdin not UTF-8": lambda env: Case(["generate", "--model", env.unused_model, "--prompt", "-"],
-                                                 "stdin is not UTF-8 text", stdin=b"hi \xff there", process=True),
-    "chat stdin not UTF-8": lambda env: Case(["chat", "--model", env.target, "--draft-model", env.drafter],
-                                             "not UTF-8 text", stdin=b"hi \xff there\nq\n", process=True),
-    "generate --prompt not UTF-8": lambda env: Case(["generate", "--model", env.unused_model, "--prompt",
-                                                     os.fsdecode(b"hi \xff")], "--prompt is not UTF-8", process=True),
-    "chat --system-prompt not UTF-8": lambda env: Case(["chat", "--model", env.unused_model, "--system-prompt",
-                                                        os.fsdecode(b"\xfe")], "--system-prompt is not UTF-8"),
+    "generate stdin not UTF-8": lambda env: Case(
+        ["generate", "--model", env.unused_model, "--prompt", "-"],
+        "stdin is not UTF-8 text",
+        stdin=b"hi \xff there",
+        process=True,
+    ),
+    "chat stdin not UTF-8": lambda env: Case(
+        ["chat", "--model", env.target, "--draft-model", env.drafter],
+        "not UTF-8 text",
+        stdin=b"hi \xff there\nq\n",
+        process=True,
+    ),
+    "generate --prompt not UTF-8": lambda env: Case(
+        ["generate", "--model", env.unused_model, "--prompt", os.fsdecode(b"hi \xff")],
+        "--prompt is not UTF-8",
+        process=True,
+    ),
+    "chat --system-prompt not UTF-8": lambda env: Case(
+        ["chat", "--model", env.unused_model, "--system-prompt", os.fsdecode(b"\xfe")], "--system-prompt is not UTF-8"
+    ),
     "calibrate data not UTF-8": lambda env: Case(
-        calibrate_args(env, data=write(env.dir / "d.txt", b"caf\xe9 au lait")), "is not UTF-8 text"),
+        calibrate_args(env, data=write(env.dir / "d.txt", b"caf\xe9 au lait")), "is not UTF-8 text"
+    ),
     "bench questions not UTF-8": bench_questions(b'{"turns": ["caf\xe9"]}\n', "is not UTF-8 text"),
     "generate --seed -1": generate("--seed", "-1", message="--seed -1 is out of range: use an integer from 0"),
     "generate --seed 2**70": generate("--seed", str(2**70), message="is out of range: use an integer from 0"),
     "calibrate --seed -1": lambda env: Case(calibrate_args(env, "--seed", "-1"), "--seed -1 is out of range"),
     "chat --max-tokens 0": chat("--max-tokens", "0", message="--max-tokens 0 is out of range: use 1 or more"),
-    "convert of a missing file": lambda env: Case(["convert", str(env.dir / "none.gguf"), "--out",
-                                                   str(env.dir / "mlx")], "does not exist: check the path"),
-    "convert of a file that is not GGUF": lambda env: Case(["convert", str(write(env.dir / "m.gguf", "text")), "--out",
-                                                            str(env.dir / "mlx")], "is not a GGUF file"),
+    "convert of a missing file": lambda env: Case(
+        ["convert", str(env.dir / "none.gguf"), "--out", str(env.dir / "mlx")], "does not exist: check the path"
+    ),
+    "convert of a file that is not GGUF": lambda env: Case(
+        ["convert", str(write(env.dir / "m.gguf", "text")), "--out", str(env.dir / "mlx")], "is not a GGUF file"
+    ),
     "convert of a corrupt GGUF": convert(message="is truncated or corrupt"),
-    "generate --prompt ''": lambda env: Case(["generate", "--model", env.unused_model, "--prompt", " "],
-                                             "the prompt is empty"),
+    "generate --prompt ''": lambda env: Case(
+        ["generate", "--model", env.unused_model, "--prompt", " "], "the prompt is empty"
+    ),
     "convert --q-bits 9": convert("--quantize", "--q-bits", "9", message="--q-bits 9 is out of range"),
     "convert --q-bits 0": convert("--quantize", "--q-bits", "0", message="--q-bits 0 is out of range"),
     "convert --q-bits 7": convert("--quantize", "--q-bits", "7", message="is not supported: bits are one of"),
@@ -412,52 +446,72 @@ ROWS: dict[str, Callable[[Env], Case]] = {
     "convert --q-group-size 7": convert("--quantize", "--q-group-size", "7", message="--q-group-size 7 is out of"),
     "convert --q-group-size 48": convert("--quantize", "--q-group-size", "48", message="group sizes one of"),
     "generate --model DIR with a corrupt config.json": lambda env: Case(
-        ["generate", "--model", broken_model(env)], "config.json is not valid JSON"),
+        ["generate", "--model", broken_model(env)], "config.json is not valid JSON"
+    ),
     "calibrate --source dataset --model DIR with a corrupt config.json": lambda env: Case(
-        calibrate_args(env, model=broken_model(env)), "config.json is not valid JSON"),
+        calibrate_args(env, model=broken_model(env)), "config.json is not valid JSON"
+    ),
     "calibrate --out a directory": calibrate_out(lambda env: str(env.dir), "is a directory: give a file path"),
     "calibrate --out whose parent is a file": calibrate_out(
-        lambda env: str(write(env.dir / "file.txt", "x") / "v.json"), "is not a directory"),
+        lambda env: str(write(env.dir / "file.txt", "x") / "v.json"), "is not a directory"
+    ),
     "calibrate --out not writable": calibrate_out(lambda env: "/proc/v.json", "cannot write --out /proc/v.json"),
     "calibrate --out ''": calibrate_out(lambda env: "", "names no file"),
     "calibrate --out /": calibrate_out(lambda env: "/", "names no file"),
-    "calibrate --checkpoint-every 0": lambda env: Case(calibrate_args(env, "--checkpoint-every", "0"),
-                                                      "--checkpoint-every 0 is out of range: use 1 or more"),
+    "calibrate --checkpoint-every 0": lambda env: Case(
+        calibrate_args(env, "--checkpoint-every", "0"), "--checkpoint-every 0 is out of range: use 1 or more"
+    ),
     "bench --auto-prompts 0": bench("--auto", "--auto-prompts", "0", message="--auto-prompts 0 is out of range"),
     "bench --num-draft-tokens -1": bench("--num-draft-tokens", "-1", message="--num-draft-tokens -1 is out of range"),
     "bench question with empty turns": bench_questions('{"category": "x", "turns": []}\n', "has no first turn"),
-    "bench --out an existing file": lambda env: Case(bench_args(env, out=write(env.dir / "b.txt", "mine")),
-                                                     "is a file: give a directory"),
+    "bench --out an existing file": lambda env: Case(
+        bench_args(env, out=write(env.dir / "b.txt", "mine")), "is a file: give a directory"
+    ),
     "bench rerun over a finished bench with other settings": finished_bench,
     "generate --temp nan": generate("--temp", "nan", message="--temp nan is out of range"),
     "generate with a chat template that raises": lambda env: Case(
         ["generate", "--model", strict_template(env)],
-        "chat template refused the messages (System role not supported): pass --ignore-chat-template"),
+        "chat template refused the messages (System role not supported): pass --ignore-chat-template",
+    ),
     "generate --system-prompt with a chat template that raises": lambda env: Case(
-        ["generate", "--model", strict_template(env), "--system-prompt", "Be brief."], "or drop --system-prompt"),
+        ["generate", "--model", strict_template(env), "--system-prompt", "Be brief."], "or drop --system-prompt"
+    ),
     "chat with a chat template that raises": lambda env: Case(
-        ["chat", "--model", strict_template(env)], "(System role not supported): send raw text with `mlx-vocabtrim "
-        "generate --ignore-chat-template`", stdin=b"hello\nq\n", process=True),
+        ["chat", "--model", strict_template(env)],
+        "(System role not supported): send raw text with `mlx-vocabtrim generate --ignore-chat-template`",
+        stdin=b"hello\nq\n",
+        process=True,
+    ),
     "chat with a model without a chat template": lambda env: Case(
-        ["chat", "--model", no_template(env)], "has no chat template to chat with: pick a model that has one"),
-    "generate --max-tokens past the context": generate("--max-tokens", "1020", message="run past the model's "
-                                                       "context of 1024 tokens: pass --max-tokens 954 or less"),
+        ["chat", "--model", no_template(env)], "has no chat template to chat with: pick a model that has one"
+    ),
+    "generate --max-tokens past the context": generate(
+        "--max-tokens", "1020", message="run past the model's context of 1024 tokens: pass --max-tokens 954 or less"
+    ),
     "chat --max-tokens past the context": chat("--max-tokens", "1024", message="--max-tokens 1024 leaves no room"),
     "vocab show DIR": lambda env: Case(["vocab", "show", str(env.dir)], "is a directory: give a vocab file"),
     "vocab show FIFO": lambda env: Case(["vocab", "show", str(fifo(env))], "is not a regular file (a FIFO, device"),
     "vocab show /dev/zero": lambda env: Case(["vocab", "show", "/dev/zero"], "/dev/zero is not a regular file"),
-    "generate --vocab DIR": lambda env: Case(["generate", "--model", env.target, "--draft-model", env.drafter,
-                                              "--vocab", str(env.dir)], "is a directory: give a vocab file"),
-    "calibrate --data /dev/null": lambda env: Case(calibrate_args(env, data=Path("/dev/null")),
-                                                   "/dev/null is not a regular file"),
+    "generate --vocab DIR": lambda env: Case(
+        ["generate", "--model", env.target, "--draft-model", env.drafter, "--vocab", str(env.dir)],
+        "is a directory: give a vocab file",
+    ),
+    "calibrate --data /dev/null": lambda env: Case(
+        calibrate_args(env, data=Path("/dev/null")), "/dev/null is not a regular file"
+    ),
     # with --k, an old '' that meant the default pair fails at once instead of loading that pair
     "generate --model ''": lambda env: Case(["generate", "--model", "", "--k", "5"], "--model '' names no model: give"),
-    "generate --draft-model ''": lambda env: Case(["generate", "--model", env.target, "--draft-model", ""],
-                                                  "--draft-model '' names no model: give a drafter, or none"),
-    "calibrate --model ''": lambda env: Case(["calibrate", "--model", "", "--source", "dataset", "--data",
-                                              str(env.data), "--out", str(env.dir / "v.json")], "'' is empty: give"),
-    "trim --draft-model ''": lambda env: Case(["trim", "--draft-model", "", "--k", "40", "--out",
-                                               str(env.dir / "t")], "the model name '' is empty"),
+    "generate --draft-model ''": lambda env: Case(
+        ["generate", "--model", env.target, "--draft-model", ""],
+        "--draft-model '' names no model: give a drafter, or none",
+    ),
+    "calibrate --model ''": lambda env: Case(
+        ["calibrate", "--model", "", "--source", "dataset", "--data", str(env.data), "--out", str(env.dir / "v.json")],
+        "'' is empty: give",
+    ),
+    "trim --draft-model ''": lambda env: Case(
+        ["trim", "--draft-model", "", "--k", "40", "--out", str(env.dir / "t")], "the model name '' is empty"
+    ),
     "trim over an existing --out": trim_existing,
     # chat and bench check what generate checks
     "chat --temp -1": chat("--temp", "-1", message="--temp -1.0 is out of range"),
@@ -472,10 +526,13 @@ ROWS: dict[str, Callable[[Env], Case]] = {
     "bench --top-p 0": bench("--top-p", "0", message="--top-p 0.0 is out of range"),
     "bench --top-p 1.5": bench("--top-p", "1.5", message="--top-p 1.5 is out of range"),
     # serve's limits on clients
-    "serve --read-timeout 0": lambda env: Case(["serve", "--model", env.unused_model, "--read-timeout", "0"],
-                                               "--read-timeout 0 is out of range: use 1 or more"),
-    "serve --max-connections 0": lambda env: Case(["serve", "--model", env.unused_model, "--max-connections", "0"],
-                                                  "--max-connections 0 is out of range: use 1 or more"),
+    "serve --read-timeout 0": lambda env: Case(
+        ["serve", "--model", env.unused_model, "--read-timeout", "0"], "--read-timeout 0 is out of range: use 1 or more"
+    ),
+    "serve --max-connections 0": lambda env: Case(
+        ["serve", "--model", env.unused_model, "--max-connections", "0"],
+        "--max-connections 0 is out of range: use 1 or more",
+    ),
     "serve --batch-speculation 1:2": serve("--batch-speculation", "1:2", message=SCHEDULE.format("1:2")),
     "serve --batch-speculation 2-x": serve("--batch-speculation", "2-x", message=SCHEDULE.format("2-x")),
     "serve --batch-speculation 2-99999999:1": serve(
@@ -488,7 +545,6 @@ ROWS: dict[str, Callable[[Env], Case]] = {
         ["bench-serve", "--model", env.unused_model, "--batch-speculation", "9"], SCHEDULE.format("9")
     ),
 }
-# fmt: on
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
