@@ -20,7 +20,7 @@ _EXPORTS = {
     "load": "resolve",
     "load_draft": "trim",
     "load_model": "models",
-    "load_pair": "models",
+    "load_pair": "resolve",
     "load_vocab": "vocab",
     "read_ranked_ids": "vocab",
     "save_trimmed": "trim",

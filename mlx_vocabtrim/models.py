@@ -267,11 +267,3 @@ def check_pair(
             f"{draft_name} covers ids below {d_rows} but {target_name} can emit ids up to {t_rows - 1} "
             f"(first uncovered id {d_rows}): pick a drafter with the target's full vocabulary"
         )
-
-
-def load_pair(target: str, drafter: str) -> tuple[nn.Module, Any, nn.Module]:
-    """(target model, tokenizer, drafter model), checked to share one tokenizer."""
-    model, tokenizer = load_model(target)
-    draft_model, draft_tokenizer = load_model(drafter)
-    check_pair(model, tokenizer, draft_model, draft_tokenizer, target, drafter)
-    return model, tokenizer, draft_model

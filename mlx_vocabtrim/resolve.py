@@ -112,6 +112,14 @@ def load_drafter(name: str, target: nn.Module, tokenizer: Any, target_name: str)
     return drafter, resolved
 
 
+def load_pair(target: str, drafter: str) -> tuple[nn.Module, Any, nn.Module]:
+    """(target model, tokenizer, drafter model), checked to share one tokenizer: the loaders every
+    command uses, with no settings applied (see `load` for a run set up as the commands set it up)."""
+    model, tokenizer, _ = load_target(target)
+    draft_model, _ = load_drafter(drafter, model, tokenizer, target)
+    return model, tokenizer, draft_model
+
+
 def _carried_profile(path: str) -> dict | None:
     if not is_trimmed_dir(path):
         return None

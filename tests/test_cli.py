@@ -61,6 +61,21 @@ def test_drafter_head_must_cover_the_target(model_dirs, tokenizer_dir, tmp_path)
         load_pair(str(model_dirs["target"]), str(small))
 
 
+def test_load_pair_refuses_a_trimmed_drafter_as_the_target(model_dirs, tokenizer, tmp_path):
+    """load_pair goes through the commands' own loaders: a trimmed directory cannot be the target."""
+    from mlx_vocabtrim.cli import cli
+
+    vocab = tmp_path / "v.json.gz"
+    save_vocab(vocab, list(range(320)), {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
+    target, drafter, out = str(model_dirs["target"]), str(model_dirs["drafter"]), tmp_path / "trimmed"
+    args = ["trim", "--draft-model", drafter, "--model", target, "--vocab", str(vocab), "--k", "40"]
+    made = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    with pytest.raises(VocabTrimError, match="is a trimmed drafter directory"):
+        load_pair(str(out), drafter)
+    assert load_pair(target, str(out))[2].vocab_remap.size == 40
+
+
 def test_generate_with_trimmed_drafter_matches_target_alone(model_dirs, ranked_file):
     common = ["--model", str(model_dirs["target"]), "--prompt", "def add(a, b):", "--max-tokens", "24"]
     code, alone = run(*common)
