@@ -3,7 +3,8 @@
 A round has a budget (tokens still allowed, less the one the target always adds); prompt lookup
 may copy tokens from the context (free, q one-hot on them); the drafter drafts after them; the
 target scores its pending tokens and the proposals in one pass; the accepted prefix and one token
-of the target's own are emitted; each model's cache keeps what it can (`rollback.rewind`) and the
+of the target's own are emitted (`greedy_accept`, `sampled_accept`: one rule for a sequence alone,
+a batch and the replay); each model's cache keeps what it can (`rollback.rewind`) and the
 tokens it gave back stay pending for its next pass. `Rounds` holds that bookkeeping and the
 request's `Policy` (how many tokens to copy and draft). The generator runs it on models
 (speculative.py), the tuner's replay on recorded traces (tune.py): both make the same rounds.
@@ -106,6 +107,23 @@ class Policy:
 
 def first_rejected(flags: Sequence[bool]) -> int:
     return next((i for i, ok in enumerate(flags) if not ok), len(flags))
+
+
+def greedy_accept(proposals: Sequence[int], choice: Sequence[int]) -> tuple[int, list[int]]:
+    """Greedy verification, for live rounds and the replay alike: `choice[j]` is the target's token
+    after the first j proposals (one more than there are proposals; fewer where a recorded answer
+    ends). The proposals accepted in a row, and what the round emits: those, then the target's own."""
+    n = first_rejected([p == c for p, c in zip(proposals, choice, strict=False)])
+    return n, [*proposals[:n], *choice[n : n + 1]]
+
+
+def sampled_accept(
+    proposals: Sequence[int], accept: Sequence[bool], residual: Sequence[int], bonus: int
+) -> tuple[int, list[int]]:
+    """Sampled verification from `verify_sampled`'s draws: the proposals accepted in a row, then the
+    residual draw at the first rejection, or the bonus draw when none was rejected."""
+    n = first_rejected(accept)
+    return n, [*proposals[:n], residual[n] if n < len(proposals) else bonus]
 
 
 class Rounds:

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll
 
-from .engine import first_rejected
+from .engine import greedy_accept, sampled_accept
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
 from .speculative import SpecStats, proposal_row, sampling_logprobs, verify_sampled
@@ -247,13 +247,10 @@ class SpecBatch:
                     sampled, mx.array(proposed, mx.uint32), mx.stack(q) if g else None
                 )
                 mx.eval(accept, residual, bonus)
-                n = first_rejected(accept.tolist())
-                fix = int((residual[n] if n < g else bonus).item())
+                n, tokens = sampled_accept(proposed, accept.tolist(), residual.tolist(), bonus.item())
             else:
-                choice = greedy[i][: g + 1]
-                n = first_rejected([d == t for d, t in zip(proposed, choice[:-1], strict=True)])
-                fix = choice[n]
-            out.append(Emitted(proposed[:n] + [fix], [logprobs[j] for j in range(n + 1)], n))
+                n, tokens = greedy_accept(proposed, greedy[i][: g + 1])
+            out.append(Emitted(tokens, [logprobs[j] for j in range(n + 1)], n))
         give_back(self.target_cache, [width - e.accepted for e in out])
         if passes:  # each lane's drafter took its copies and the drafts but the last after its pending tokens
             fed = [len(c) + passes - 1 for c in copies]

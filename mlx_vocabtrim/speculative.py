@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checks import check_draft_threshold, check_lookup, check_num_draft_tokens, check_temp, check_top_p
-from .engine import STEP_COST, TOKEN_COST, Policy, Rounds, first_rejected
+from .engine import STEP_COST, TOKEN_COST, Policy, Rounds, greedy_accept, sampled_accept
 from .errors import VocabTrimError
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
@@ -294,16 +294,11 @@ def speculative_generate_step(
                     q = mx.stack(one_hot + [proposal_row(r, head.remap, vocab) for r in rows])
                 accept, residual_draws, bonus = verify_sampled(sampling_logprobs(logits, temp, top_p), proposals, q)
                 mx.eval(accept, residual_draws, bonus, proposals)
-                n = first_rejected(accept.tolist())
-                fix = residual_draws[n] if n < gamma else bonus
-                drafts = proposals.tolist()
-                tokens = drafts[:n] + [fix.item()]
+                n, tokens = sampled_accept(proposals.tolist(), accept.tolist(), residual_draws.tolist(), bonus.item())
             else:
                 choice = mx.argmax(logits, axis=-1)
                 mx.eval(choice, proposals)
-                drafts, target_ids = proposals.tolist(), choice.tolist()
-                n = first_rejected([d == t for d, t in zip(drafts, target_ids[:-1], strict=True)])
-                tokens = drafts[:n] + [target_ids[n]]
+                n, tokens = greedy_accept(proposals.tolist(), choice.tolist())
             stats.target_calls += 1
             stats.draft_tokens += gamma
             stats.lookup_tokens += len(copied)

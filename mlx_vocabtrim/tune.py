@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .engine import STEP_COST, TOKEN_COST, Policy, Rounds
+from .engine import STEP_COST, TOKEN_COST, Policy, Rounds, greedy_accept
 from .errors import VocabTrimError
 from .heads import DraftHead
 from .lookup import PromptLookup
@@ -221,23 +221,16 @@ def replay(
         start = rounds.emitted
         plan = rounds.plan()
         copied = plan.copied
-        accepted = 0
-        while accepted < len(copied) and start + accepted < total and copied[accepted] == answer[start + accepted]:
-            accepted += 1
-        alive = accepted == len(copied)
-        made, confidence = 0, 1.0
-        for j in range(plan.count):
+        proposals, confidence = list(copied), 1.0
+        for j in range(plan.count):  # the drafter's picks, up to its threshold stop
             pos = start + len(copied) + j
-            made += 1
             pick, prob = _pick(tr, setting, pos, start) if pos < total else (-1, 0.5)
+            proposals.append(pick)
             confidence *= prob
-            if alive and pos < total and pick == answer[pos]:
-                accepted += 1
-            else:
-                alive = False
             if confidence < setting.draft_threshold:
                 break
-        tokens = answer[start : start + accepted + 1]
+        made = len(proposals) - len(copied)
+        accepted, tokens = greedy_accept(proposals, answer[start : start + len(proposals) + 1])
         seconds += made * t_step + costs.t_verify(len(rounds.target_pending) + len(copied) + made)
         if made:
             seconds += costs.t_feed(len(plan.feed))

@@ -1,6 +1,6 @@
 """The round engine alone: static and adaptive lengths, and what each model has pending after a round."""
 
-from mlx_vocabtrim.engine import Policy, Rounds
+from mlx_vocabtrim.engine import Policy, Rounds, greedy_accept, sampled_accept
 
 
 def run_rounds(policy: Policy, accept: int, rounds: int, offered: int = 0) -> list[tuple[int, int]]:
@@ -79,3 +79,17 @@ def test_with_a_draft_threshold_only_copies_adapt():
     copies, drafts = policy.lengths(20, 8, True, 1)
     assert copies == 8 and drafts == 0
     assert all(sum(policy.lengths(20, c, True, 1)) == max(6, c) for c in range(9)), "drafts fill the rest"
+
+
+def test_one_acceptance_rule_for_live_rounds_and_the_replay():
+    """Greedy: the proposals the target agrees with in a row, then its own token; a recorded answer that
+    ends inside the round emits what it has. Sampled: the residual draw at the first rejection, else the
+    bonus draw."""
+    assert greedy_accept([5, 6, 7], [5, 6, 9, 4]) == (2, [5, 6, 9])
+    assert greedy_accept([5, 6, 7], [5, 6, 7, 4]) == (3, [5, 6, 7, 4])
+    assert greedy_accept([8, 6], [5, 6, 1]) == (0, [5])
+    assert greedy_accept([], [3]) == (0, [3])
+    assert greedy_accept([5, 6, 7], [5, 6]) == (2, [5, 6]), "the answer ended after two tokens"
+    assert sampled_accept([5, 6, 7], [True, False, True], [11, 12, 13], 14) == (1, [5, 12])
+    assert sampled_accept([5, 6], [True, True], [11, 12], 14) == (2, [5, 6, 14])
+    assert sampled_accept([], [], [], 14) == (0, [14])
