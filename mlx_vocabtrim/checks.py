@@ -46,11 +46,12 @@ def check_utf8(text: str, what: str, fix: str = "give UTF-8 text") -> str:
     return text
 
 
-def chat_ids(tokenizer: Any, messages: list[dict], fix: str) -> list[int]:
-    """Token ids of `messages` through the tokenizer's chat template. A template that raises (many
-    refuse a system message, or roles out of order) is a one-line error with its own message and `fix`."""
+def chat_ids(tokenizer: Any, messages: list[dict], fix: str, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` (and `tools`) through the tokenizer's chat template, ready for the reply:
+    every command's prompt is built here. A template that raises (many refuse a system message, or
+    roles out of order) is a one-line error with its own message and `fix`."""
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
     except Exception as e:  # templates raise their own types: jinja2's TemplateError, ValueError, ...
         raise VocabTrimError(f"the model's chat template refused the messages ({first_line(e)}): {fix}") from None
 

@@ -6,9 +6,12 @@ an OpenAI-style JSON error. The main thread owns the models and generates one re
 time, in arrival order (MLX is not thread-safe, its streams belong to their thread, and MLX
 used from another thread can abort the process at exit); the HTTP server runs in a thread of
 its own. A client that disconnects cancels its request, within one prefill pass or one
-token. The KV cache is reused across requests in whole prefill passes only: those are
-computed with the same shapes from the same state as in a fresh run, so bitwise alike
-(`Engine.reuse`); a pass cut short, or any entry written while generating, is never reused.
+token. The KV cache is reused across requests in whole prefill passes only: a prompt's passes
+end where its messages start and every `--prefill-step-size` tokens after the last of those
+(`pass_ends`), so two prompts sharing their first messages (a system prompt, the template's
+head, a conversation's history) computed those passes with the same shapes from the same
+state, bitwise alike (`Engine.reuse`); a pass cut short, or any entry written while
+generating, is never reused.
 
 Tool calls are ordinary tokens of the reply: the text between the tokenizer's tool-call
 markers goes to mlx-lm's own parser for the model's format (`Reply`), so speculation and
@@ -39,7 +42,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .checks import MAX_SEED
+from .checks import MAX_SEED, chat_ids
 from .errors import VocabTrimError, first_line
 from .models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from .options import count_option, draft_options, pair_options
@@ -360,21 +363,52 @@ def not_served(model: str) -> RequestError:
     return RequestError(404, f"model {shown!r} is not served: see /v1/models", "model", "model_not_found")
 
 
-def prompt_ids(tokenizer: Any, request: Fields) -> list[int]:
-    """The request's prompt as token ids: messages (and tools) through the chat template, or the text encoded."""
+def prompt_ids(tokenizer: Any, request: Fields) -> tuple[list[int], list[int]]:
+    """The request's prompt as token ids (messages and tools through the chat template, or the text
+    encoded) and where its messages start in them (none for text)."""
     if isinstance(request, ChatRequest):
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError(400, "this model has no chat template: send the text to /v1/completions", "messages")
-        messages = [m.for_template() for m in request.messages]
+        messages, tools = [m.for_template() for m in request.messages], request.template_tools()
         try:
-            return list(
-                tokenizer.apply_chat_template(messages, tools=request.template_tools(), add_generation_prompt=True)
-            )
-        except Exception as e:  # templates raise their own errors for messages they refuse
-            reason = first_line(e)
-            raise RequestError(400, f"the chat template refused these messages ({reason})", "messages") from None
+            ids = chat_ids(tokenizer, messages, "change the messages", tools)
+        except VocabTrimError as e:  # templates raise their own errors for messages they refuse
+            raise RequestError(400, e.message, "messages") from None
+        return ids, message_starts(tokenizer, messages, tools, ids)
     bos = tokenizer.bos_token
-    return tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))
+    return tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos)), []
+
+
+MESSAGE_CUTS = 64  # the first messages whose starts end prefill passes (bounds the templating per request)
+PLACEHOLDER = "\x00"  # a message's stand-in content, which no real content begins the same way
+
+
+def message_starts(tokenizer: Any, messages: list[dict], tools: list[dict] | None, ids: list[int]) -> list[int]:
+    """Where each of the first MESSAGE_CUTS messages' content begins in `ids`: what the prompt shares with
+    the template over the messages before it and a placeholder message of its role (for the first one,
+    the template's head: a default system prompt, the role's header). A function of those messages, so
+    prompts sharing their first messages share these starts, and their prefill passes up to them."""
+    starts = set()
+    for i, message in enumerate(messages[:MESSAGE_CUTS]):
+        probe = [*messages[:i], {"role": message["role"], "content": PLACEHOLDER}]
+        try:
+            rendered = tokenizer.apply_chat_template(probe, tools=tools, add_generation_prompt=False)
+        except Exception:  # a template may refuse the conversation cut there: no start for that message
+            continue
+        starts.add(next((j for j, (a, b) in enumerate(zip(rendered, ids, strict=False)) if a != b), len(rendered)))
+    return sorted(starts)
+
+
+def pass_ends(length: int, cuts: list[int], step: int) -> list[int]:
+    """Where the server's whole prefill passes over a prompt's first `length` tokens end: at each cut
+    (0 < cut < length) and every `step` tokens in between and after the last; what is left after the
+    last whole pass (under `step` tokens) the decoder prefills. Prompts sharing their tokens and cuts
+    up to a point share their passes up to it (`Engine.reuse`)."""
+    ends, start = [], 0
+    for cut in sorted({c for c in cuts if 0 < c < length}):
+        ends += [*range(start + step, cut, step), cut]
+        start = cut
+    return ends + list(range(start + step, length + 1, step))
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -408,6 +442,8 @@ class Job:
     id: str = ""
     logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)  # when the request was ready for the queue
+    cuts: list[int] = field(default_factory=list)  # where its messages start: its prefill passes end there
 
 
 def stop_index(text: str, stops: list[str], start: int) -> int:
@@ -463,10 +499,12 @@ class Output:
         self.detokenizer.reset()
         self.text, self.sent, self.tokens, self.accepted, self.finish = "", 0, 0, 0, None
         self.marks: list[Scored] = []
+        self.first: float | None = None  # when the first token came
 
     def add(self, token: int, logprobs: Any, from_draft: bool, finish: str | None) -> bool:
         """Take one emitted token; True once the reply is finished."""
         job, engine = self.job, self.engine
+        self.first = self.first or time.perf_counter()
         self.tokens += 1
         self.accepted += from_draft
         if job.logprobs is not None and token not in engine.eos:
@@ -558,6 +596,7 @@ class Engine:
         self.max_kv_bytes = max_kv_bytes
         self.cache: list | None = None
         self.cached: list[int] = []  # tokens whose KV entries the cache holds, in whole prefill passes
+        self.cached_ends: list[int] = []  # where those passes ended
         self.cache_owner: Any = None  # the job decoding on the reusable cache, if any
         self.waiting: deque[Job] = deque()
         self.prefilling: list[list] = []  # [job, cache, prompt tokens it holds, reused, start time]
@@ -700,8 +739,9 @@ class Engine:
                 self.fresh_decoder()
                 self.drop()
                 self.cache_owner = None
-                for job in failed:
-                    job.send("error", (500, f"generation failed ({type(e).__name__}: {e})"))
+                message = f"generation failed ({type(e).__name__}): the server's log has the details"
+                for job in failed:  # the type only: an exception's text may name files
+                    job.send("error", (500, message))
 
     def start(self, job: Job) -> None:
         """Begin `job`'s prefill: alone, on the caches it may reuse a prefix of."""
@@ -709,29 +749,32 @@ class Engine:
             return
         reused, cache = 0, None
         if self.cache is not None and self.cache_owner is None and not self.active and not self.prefilling:
-            reused, cache, self.cache_owner = self.reuse(job.prompt), self.cache, job
+            reused, cache, self.cache_owner = self.reuse(job), self.cache, job
         with self.cond:
             self.prefilling.append([job, cache or self.layers(), reused, reused, time.perf_counter()])
 
+    def ends(self, job: Job) -> list[int]:
+        return pass_ends(len(job.prompt) - 1, job.cuts, self.step)
+
     def prefill_pass(self, entry: list) -> bool:
-        """Feed one whole prefill pass of a joining job's prompt to its caches, each model through the
-        generator's own `_prefill` with the tokens and shapes the generator would use (so the entries are
-        bitwise the generator's); True once no whole pass is left."""
+        """Feed the next whole prefill pass of a joining job's prompt (`pass_ends`) to its caches, each
+        model through the generator's own `_prefill`; True once no whole pass is left."""
         import mlx.core as mx
 
         from .speculative import _prefill
 
         job, cache, done = entry[0], entry[1], entry[2]
-        prompt = job.prompt
-        tokens = mx.array(prompt[done : done + self.step], mx.uint32)
+        ends = self.ends(job)
+        end = next(e for e in ends if e > done)
+        tokens = mx.array(job.prompt[done:end], mx.uint32)
         at = 0
         for model, count in zip(self.models, self.counts, strict=True):
             _prefill(model, cache[at : at + count], tokens, self.step)
             at += count
-        entry[2] = done + self.step
+        entry[2] = end
         if cache is self.cache:
-            self.cached = prompt[: entry[2]]
-        return entry[2] + self.step > len(prompt) - 1
+            self.cached, self.cached_ends = job.prompt[:end], [e for e in ends if e <= end]
+        return end == ends[-1]
 
     def advance(self) -> None:
         """One step: joining requests with no whole prefill pass left join the decoder, the first other one
@@ -744,7 +787,7 @@ class Engine:
                 with self.cond:
                     self.prefilling.remove(entry)
                 self.finished(None, job, None, tic, reused)
-            elif done + self.step > len(job.prompt) - 1 or (entry is self.prefilling[0] and self.prefill_pass(entry)):
+            elif done >= max(self.ends(job), default=0) or (entry is self.prefilling[0] and self.prefill_pass(entry)):
                 seq = Sequence(job.prompt, job.max_tokens, job.temp, job.top_p, job.seed, job.logit_bias)
                 split = self.counts[0]
                 self.decoder.add(seq, cache[:split], cache[split:] or None)
@@ -770,7 +813,7 @@ class Engine:
         if job is self.cache_owner:
             self.cache_owner = None
             if seq is not None:  # cancelled during its prefill, the caches hold its whole passes done
-                self.keep(job.prompt)
+                self.keep(job)
         tokens = output.tokens if output else 0
         calls = (seq.stats.target_calls + seq.batched_tokens + seq.plain_tokens) if seq else 0
         speculation = {
@@ -780,12 +823,18 @@ class Engine:
             "tokens_per_target_call": round(tokens / calls, 3) if calls else 0.0,
         }
         finish = output.finish if output else None
+        now = time.perf_counter()
+        first = output.first if output else None
+        timings = {  # from the request's arrival: queue, prefill and decoding
+            "first_token_seconds": round(first - job.arrived, 3) if first else None,
+            "seconds": round(now - job.arrived, 3),
+        }
         if self.verbose:
-            seconds = time.perf_counter() - tic
+            seconds = now - tic
             click.echo(
                 f"{job.id}: {len(job.prompt)} prompt tokens ({reused} reused), {tokens} tokens in {seconds:.2f} s "
-                f"({tokens / max(seconds, 1e-9):.1f} tok/s), {speculation['tokens_per_target_call']} per "
-                f"target call, {finish or 'cancelled'}",
+                f"({tokens / max(seconds, 1e-9):.1f} tok/s), first token after {timings['first_token_seconds']} s, "
+                f"{speculation['tokens_per_target_call']} per target call, {finish or 'cancelled'}",
                 err=True,
             )
         result = {
@@ -794,47 +843,53 @@ class Engine:
             "completion_tokens": tokens,
             "cached_tokens": reused,
             "speculation": speculation,
+            "timings": timings,
         }
         job.send("done", result)
 
     def drop(self) -> None:
         """Start from empty caches."""
         self.cache = self.layers() if self.reusable else None
-        self.cached = []
+        self.cached, self.cached_ends = [], []
 
-    def reuse(self, prompt: list[int]) -> int:
-        """Trim the caches to the longest prefix of `prompt` they hold in whole prefill passes, and
-        return its length.
+    def reuse(self, job: Job) -> int:
+        """Trim the caches to the longest prefix of `job`'s prompt they hold in whole prefill passes
+        that end where its own passes end, and return its length.
 
-        Prefill feeds prompt[:-1] in passes of `step` tokens from position 0, so a pass ending at
-        a multiple of `step` saw the same tokens, the same cached state and the same shapes as in
-        a fresh run of any prompt sharing that prefix: its entries are bitwise the fresh run's, and
-        so is the rest of the prefill, again in whole passes from there. Entries of a shorter last
-        pass, or written while generating, come from other shapes and are never kept (`keep`).
+        A prompt's prefill passes are a function of the prompt alone (`pass_ends`), so where two
+        prompts agree on their tokens and on their pass ends up to a point, the passes up to it saw
+        the same tokens, the same cached state and the same shapes: the entries are bitwise those
+        of a fresh run, and so is the rest of the prefill, in the new prompt's passes from there.
+        Entries of a shorter last pass, or written while generating, are never kept (`keep`).
         """
         if self.cache is None:
             return 0
         common = 0
-        for a, b in zip(self.cached, prompt[:-1], strict=False):
+        for a, b in zip(self.cached, job.prompt[:-1], strict=False):
             if a != b:
                 break
             common += 1
-        common -= common % self.step
+        reused = 0
+        for cached, end in zip(self.cached_ends, self.ends(job), strict=False):
+            if cached != end or end > common:
+                break
+            reused = end
         for layer in self.cache:
-            layer.trim(layer.offset - common)
-        self.cached = self.cached[:common]
-        return common
+            layer.trim(layer.offset - reused)
+        self.cached, self.cached_ends = self.cached[:reused], [e for e in self.cached_ends if e <= reused]
+        return reused
 
-    def keep(self, prompt: list[int]) -> None:
+    def keep(self, job: Job) -> None:
         """After a request, keep in the caches only its prompt's whole prefill passes."""
         if self.cache is None:
             return
-        kept = (len(prompt) - 1) // self.step * self.step
+        ends = self.ends(job)
+        kept = max(ends, default=0)
         if any(layer.offset < kept for layer in self.cache):
             return self.drop()
         for layer in self.cache:
             layer.trim(layer.offset - kept)
-        self.cached = prompt[:kept]
+        self.cached, self.cached_ends = job.prompt[:kept], ends
 
     def score(self, token: int, row: Any, top: int) -> tuple[float, list[tuple[bytes, float]]]:
         """The target's logprob of `token` and its `top` most likely tokens, best first."""
@@ -1324,7 +1379,7 @@ def create_app(
         body = await read_body(request, read_timeout, gone)
         check_sender(request, allowed)
         parsed = parse_request(parse_json(body), kind, names, limits)
-        ids = await run_in_threadpool(prompt_ids, engine.setup.tokenizer, parsed)
+        ids, cuts = await run_in_threadpool(prompt_ids, engine.setup.tokenizer, parsed)
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(
                 400,
@@ -1355,6 +1410,7 @@ def create_app(
             {int(k): v for k, v in (parsed.logit_bias or {}).items()} or None,
             f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             parsed.top(),
+            cuts=cuts,
         )
         reply = Reply(engine.setup.tokenizer, parsed.template_tools() if chat else None)
         engine.submit(job)
@@ -1399,7 +1455,8 @@ def create_app(
                         if text or calls:
                             yield chunk(text, calls, [], made)
                         last = choice(chat, None, finish_reason(value, reply))
-                        yield sse({**head, "choices": [last], "speculation": value["speculation"]})
+                        extra = {"speculation": value["speculation"], "timings": value["timings"]}
+                        yield sse({**head, "choices": [last], **extra})
                         if include_usage:
                             yield sse({**head, "choices": [], "usage": usage(value)})
                     yield "data: [DONE]\n\n"
@@ -1433,6 +1490,7 @@ def create_app(
             "choices": [whole],
             "usage": usage(value),
             "speculation": value["speculation"],
+            "timings": value["timings"],
         }
 
     @app.post("/v1/chat/completions")

@@ -25,13 +25,25 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from conftest import VOCAB, build_tokenizer, make_model, model_config, save_model
+from conftest import CHAT_TEMPLATE, VOCAB, build_tokenizer, make_model, model_config, save_model
 from mlx_lm import load as mlx_lm_load
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlx_vocabtrim import VocabTrimError, generate, load, save_vocab
 from mlx_vocabtrim.cli import cli
-from mlx_vocabtrim.serve import Engine, Job, Message, held_back, stop_index
+from mlx_vocabtrim.serve import (
+    ChatRequest,
+    CompletionRequest,
+    Engine,
+    Job,
+    Message,
+    RequestError,
+    held_back,
+    message_starts,
+    pass_ends,
+    prompt_ids,
+    stop_index,
+)
 
 EOS = "2"  # <|im_end|> in the test tokenizer
 LONG = 900  # tokens of a request that must still be running while a test looks at it
@@ -203,10 +215,15 @@ def test_repeated_and_interleaved_greedy_requests_equal_the_target_alone(server,
         assert status == 200, answer
         assert content(answer) == target(body), body
         usage.append((answer["usage"]["prompt_tokens"], answer["usage"]["prompt_tokens_details"]["cached_tokens"]))
-    for repeat in (1, 9):  # the same request again: every whole 16-token prefill pass reused
-        prompt, cached = usage[repeat]
-        assert cached == (prompt - 1) // 16 * 16 > 0
-    assert usage[4][1] > 0 and usage[2][1] == 0  # TURNS extends CHAT's prompt; FOX shares too little
+    tokenizer = target.tokenizer
+    chat, fox = (tokenizer.apply_chat_template(b["messages"], add_generation_prompt=True) for b in (CHAT, FOX))
+    head = next(i for i, (a, b) in enumerate(zip(chat, fox, strict=False)) if a != b)  # "<|im_start|>user\n"
+    prompt, cached = usage[1]  # CHAT again: its passes end at its message's start, then every 16 tokens
+    assert cached == head + (prompt - 1 - head) // 16 * 16 > head
+    prompt, cached = usage[9]  # TEXT again (no messages): every whole 16-token pass
+    assert cached == (prompt - 1) // 16 * 16 > 0
+    assert usage[2][1] == head, "FOX after CHAT: distinct questions share the template's head"
+    assert usage[4][1] > head, "TURNS extends CHAT's conversation: CHAT's passes reused"
 
 
 def test_twenty_concurrent_requests_all_equal_the_target_alone(server, target):
@@ -251,6 +268,64 @@ def test_a_reused_cache_is_bitwise_a_fresh_run(model_dirs, vocab_file):
         assert a.offset == b.offset == 64 and a.keys.shape[2] > b.keys.shape[2]  # whole passes: 79 // 16 * 16
         assert mx.array_equal(a.keys[..., :64, :], b.keys[..., :64, :]).item()
         assert mx.array_equal(a.values[..., :64, :], b.values[..., :64, :]).item()
+
+
+def test_passes_end_at_message_starts_and_a_reuse_keeps_only_passes_ending_alike(model_dirs, vocab_file):
+    """Prompts cut at their messages' starts: a second prompt sharing the first 60 tokens, with a cut of
+    its own at 45, reuses the passes that end alike in both (at 16, 23 and 39; not the first prompt's
+    pass ending at 55, which shares its tokens but not its shape) and leaves both caches bitwise what a
+    fresh engine computes for it, with the same tokens."""
+    setup = load(str(model_dirs["target"]), str(model_dirs["drafter"]), vocab=str(vocab_file), k=200)
+    rng = random.Random(4)
+    first = [rng.randrange(3, 300) for _ in range(70)]
+    second = first[:60] + [rng.randrange(3, 300) for _ in range(20)]
+    assert pass_ends(69, [23], 16) == [16, 23, 39, 55] and pass_ends(79, [23, 45], 16) == [16, 23, 39, 45, 61, 77]
+    assert pass_ends(40, [0, 16, 40, 99], 16) == [16, 32] and pass_ends(15, [], 16) == []
+
+    def run(engine: Engine, prompt: list[int], cuts: list[int]) -> tuple[str, dict]:
+        pieces = []
+        job = Job(prompt, 12, lambda kind, value: pieces.append(value[0]), logit_bias={2: -100}, cuts=cuts)
+        return "".join(pieces), engine.run(job)
+
+    reusing, fresh = Engine(setup, prefill_step=16), Engine(setup, prefill_step=16)
+    run(reusing, first, [23])
+    assert reusing.cached_ends == [16, 23, 39, 55] and reusing.cached == first[:55]
+    text, result = run(reusing, second, [23, 45])
+    assert result["cached_tokens"] == 39
+    fresh_text, fresh_result = run(fresh, second, [23, 45])
+    assert (text, result["completion_tokens"]) == (fresh_text, fresh_result["completion_tokens"])
+    for a, b in zip(reusing.cache, fresh.cache, strict=True):
+        assert a.offset == b.offset == 77
+        assert mx.array_equal(a.keys[..., :77, :], b.keys[..., :77, :]).item()
+        assert mx.array_equal(a.values[..., :77, :], b.values[..., :77, :]).item()
+
+
+def test_message_starts_are_where_each_message_content_begins(target):
+    """Each message's start is where its content begins in the prompt, the first one after the template's
+    head, a default system prompt included; a template refusing a conversation cut short gives no start
+    there, and text prompts have none."""
+    tokenizer = target.tokenizer
+    messages = TURNS["messages"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    starts = []
+    for i, m in enumerate(messages):  # the template's text before each content, tokenized alone
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False) if i else ""
+        starts.append(len(tokenizer.encode(before + f"<|im_start|>{m['role']}\n", add_special_tokens=False)))
+    assert message_starts(tokenizer, messages, None, ids) == starts and len(set(starts)) == 3
+    assert prompt_ids(tokenizer, ChatRequest.model_validate({"model": "m", **TURNS})) == (ids, starts)
+    assert prompt_ids(tokenizer, CompletionRequest.model_validate({"model": "m", **TEXT}))[1] == []
+
+    system = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe helpful.<|im_end|>\n{% endif %}"
+
+    class DefaultSystem:  # the test tokenizer under a template that adds a system prompt, as Qwen2.5's does
+        def apply_chat_template(self, messages, **kwargs):
+            if messages[-1]["role"] == "assistant" and not kwargs.get("add_generation_prompt"):
+                raise ValueError("a conversation must not end with the assistant")
+            return tokenizer.apply_chat_template(messages, chat_template=system + CHAT_TEMPLATE, **kwargs)
+
+    ids = DefaultSystem().apply_chat_template(messages, add_generation_prompt=True)
+    head = len(tokenizer.encode("<|im_start|>system\nBe helpful.<|im_end|>\n<|im_start|>user\n"))
+    assert message_starts(DefaultSystem(), messages, None, ids) == [head, starts[2] + head - starts[0]]
 
 
 # ---- finding 1: nothing in a request loads or names another model -----------------------------
@@ -512,6 +587,8 @@ def test_streaming_equals_non_streaming_with_usage_and_speculation(server, targe
         assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"] and spec["target_calls"] >= 1
         assert spec["tokens_per_target_call"] == round(usage["completion_tokens"] / spec["target_calls"], 3)
         assert "speculation" in events[-2]
+        for timings in (whole["timings"], events[-2]["timings"]):  # from arrival: first token, then the end
+            assert 0 < timings["first_token_seconds"] <= timings["seconds"]
         if path == "/v1/chat/completions":
             assert whole["object"] == "chat.completion" and events[0]["object"] == "chat.completion.chunk"
             assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -692,6 +769,29 @@ def test_messages_reach_the_template_whole():
         },
         {"role": "tool", "content": "sun", "tool_call_id": "call_1", "name": "get_weather"},
     ]
+
+
+def test_a_template_that_refuses_the_messages_is_a_400_with_its_reason(target):
+    """The server builds its prompts where every command does (`chat_ids`): a template's refusal is a
+    400 on `messages` with the template's first line, and tools reach the template."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+    class Refusing:
+        chat_template = "refuses system messages"
+
+        def apply_chat_template(self, messages, tools=None, add_generation_prompt=False):
+            raise ValueError("System role not supported\nat line 1")
+
+    request = ChatRequest.model_validate({"model": "m", "messages": messages})
+    with pytest.raises(RequestError) as refused:
+        prompt_ids(Refusing(), request)
+    assert (refused.value.status, refused.value.param) == (400, "messages")
+    assert "refused the messages (System role not supported)" in refused.value.message
+    assert "line 1" not in refused.value.message
+    tools = ChatRequest.model_validate({"model": "m", "messages": messages, "tools": [TOOL]})
+    assert prompt_ids(target.tokenizer, tools)[0] == target.tokenizer.apply_chat_template(
+        messages, tools=tools.template_tools(), add_generation_prompt=True
+    )
 
 
 def test_cross_site_posts_and_bodies_not_sent_as_json_are_refused(server):
@@ -1063,9 +1163,11 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     }
     assert list(report["summary"]) == ["mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"]
     assert report["config"]["commands"]["mlx_lm.server --draft-model"][-2:] == ["--num-draft-tokens", "2"]
-    for figures in report["summary"].values():
+    for name, figures in report["summary"].items():
         assert set(figures) == {"1", "3"} and figures["3"]["requests"] == 3
         assert figures["1"]["aggregate_tokens_per_s"] > 0 and figures["3"]["p95_latency_s"] > 0
+        firsts = sorted(r["first_token_s"] for r in report["requests"] if r["clients"] == 3 and r["server"] == name)
+        assert figures["3"]["p95_first_token_s"] == firsts[-1] >= figures["3"]["median_first_token_s"] == firsts[1]
     ours = report["summary"]["mlx-vocabtrim serve"]
     assert ours["1"]["unlike_target"] == 0 and ours["3"]["unlike_target"] == 0
     assert len(report["requests"]) == 3 * (1 + 3) and all(r["completion_tokens"] >= 1 for r in report["requests"])
@@ -1078,6 +1180,8 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     assert all(
         0 < r["cached_tokens"] < r["prompt_tokens"] for r in report["requests"] if r["server"] == "mlx_lm.server"
     )
+    alone = next(r for r in report["requests"] if (r["server"], r["clients"]) == ("mlx-vocabtrim serve", 1))
+    assert 0 < alone["cached_tokens"] < alone["prompt_tokens"], "ours keeps the head too: its passes end there"
     table = (out / "bench-serve.md").read_text()
     assert "| 3 | " in table and "ours over the better mlx_lm.server" in table
     cached = report["summary"]["mlx_lm.server"]["3"]
@@ -1635,3 +1739,39 @@ def test_a_request_cancelled_during_prefill_stops_between_passes(model_dirs, voc
 
     (text, result), (fresh_text, _) = run(engine), run(fresh)
     assert result["cached_tokens"] > 0 and result["completion_tokens"] == 12 and text == fresh_text
+
+
+def test_a_failed_generation_is_a_500_naming_no_file_and_the_engine_goes_on(model_dirs, vocab_file, monkeypatch):
+    """An error inside generation (here a step that raises with a path in its text) answers the
+    requests it hit with a 500 that names the exception's type only, and the next request decodes."""
+    setup = load(str(model_dirs["target"]), str(model_dirs["drafter"]), vocab=str(vocab_file), k=200)
+    engine = Engine(setup)
+    thread = threading.Thread(target=engine.work, daemon=True)
+    thread.start()
+    events: list[tuple[str, object]] = []
+    done = threading.Semaphore(0)
+
+    def send(kind: str, value) -> None:
+        if kind in ("done", "error"):
+            events.append((kind, value))
+            done.release()
+
+    prompt = [random.Random(3).randrange(3, 300) for _ in range(20)]
+    real_advance = Engine.advance
+
+    def failing(self) -> None:
+        raise RuntimeError("[load] cannot read /home/someone/secret/model.safetensors")
+
+    try:
+        monkeypatch.setattr(Engine, "advance", failing)
+        engine.submit(Job(prompt, 6, send))
+        assert done.acquire(timeout=60)
+        monkeypatch.setattr(Engine, "advance", real_advance)
+        engine.submit(Job(prompt, 6, send))
+        assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+        thread.join(10)
+    (kind, (status, message)), (then, result) = events
+    assert (kind, status, then, result["completion_tokens"]) == ("error", 500, "done", 6)
+    assert "RuntimeError" in message and "secret" not in message and ".safetensors" not in message
