@@ -7,11 +7,11 @@ time, in arrival order (MLX is not thread-safe, its streams belong to their thre
 used from another thread can abort the process at exit); the HTTP server runs in a thread of
 its own. A client that disconnects cancels its request, within one prefill pass or one
 token. The KV cache is reused across requests in whole prefill passes only: a prompt's passes
-end where its messages start and every `--prefill-step-size` tokens after the last of those
-(`pass_ends`), so two prompts sharing their first messages (a system prompt, the template's
-head, a conversation's history) computed those passes with the same shapes from the same
-state, bitwise alike (`Engine.reuse`); a pass cut short, or any entry written while
-generating, is never reused.
+end where its messages start and every `--prefill-step-size` tokens after each (`pass_ends`),
+so two prompts sharing their first messages (a system prompt, the template's head, a
+conversation's history) computed those passes with the same shapes from the same state,
+bitwise alike (`Engine.reuse`); what is left after the last whole pass, and any entry written
+while generating, is never reused.
 
 Tool calls are ordinary tokens of the reply: the text between the tokenizer's tool-call
 markers goes to mlx-lm's own parser for the model's format (`Reply`), so speculation and
@@ -363,39 +363,50 @@ def not_served(model: str) -> RequestError:
     return RequestError(404, f"model {shown!r} is not served: see /v1/models", "model", "model_not_found")
 
 
-def prompt_ids(tokenizer: Any, request: Fields) -> tuple[list[int], list[int]]:
-    """The request's prompt as token ids (messages and tools through the chat template, or the text
-    encoded) and where its messages start in them (none for text)."""
+def prompt_ids(tokenizer: Any, request: Fields) -> list[int]:
+    """The request's prompt as token ids: messages (and tools) through the chat template, or the text encoded."""
     if isinstance(request, ChatRequest):
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError(400, "this model has no chat template: send the text to /v1/completions", "messages")
-        messages, tools = [m.for_template() for m in request.messages], request.template_tools()
+        messages = [m.for_template() for m in request.messages]
         try:
-            ids = chat_ids(tokenizer, messages, "change the messages", tools)
+            return chat_ids(tokenizer, messages, "change the messages", request.template_tools())
         except VocabTrimError as e:  # templates raise their own errors for messages they refuse
             raise RequestError(400, e.message, "messages") from None
-        return ids, message_starts(tokenizer, messages, tools, ids)
     bos = tokenizer.bos_token
-    return tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos)), []
+    return tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))
+
+
+def prompt_cuts(tokenizer: Any, request: Fields, ids: list[int]) -> list[int]:
+    """Where a chat request's messages start in its prompt `ids` (`message_starts`); none for text."""
+    if not isinstance(request, ChatRequest):
+        return []
+    return message_starts(tokenizer, [m.for_template() for m in request.messages], request.template_tools(), ids)
 
 
 MESSAGE_CUTS = 64  # the first messages whose starts end prefill passes (bounds the templating per request)
-PLACEHOLDER = "\x00"  # a message's stand-in content, which no real content begins the same way
+PROBE_BUDGET = 16  # and the tokens rendered to find them, in prompts' lengths
+PLACEHOLDER = "\x00"  # a message's stand-in content (content that begins alike only moves its start)
 
 
 def message_starts(tokenizer: Any, messages: list[dict], tools: list[dict] | None, ids: list[int]) -> list[int]:
     """Where each of the first MESSAGE_CUTS messages' content begins in `ids`: what the prompt shares with
     the template over the messages before it and a placeholder message of its role (for the first one,
-    the template's head: a default system prompt, the role's header). A function of those messages, so
-    prompts sharing their first messages share these starts, and their prefill passes up to them."""
-    starts = set()
+    the template's head: a default system prompt, the role's header), while the tokens rendered stay
+    within PROBE_BUDGET prompts. Prompts sharing their first messages normally share these starts, and
+    so their prefill passes up to them; where they do not (a template that renders a message by what
+    follows it), reuse only stops earlier, as it compares the passes themselves (`Engine.reuse`)."""
+    starts, rendered_tokens = set(), 0
     for i, message in enumerate(messages[:MESSAGE_CUTS]):
         probe = [*messages[:i], {"role": message["role"], "content": PLACEHOLDER}]
         try:
             rendered = tokenizer.apply_chat_template(probe, tools=tools, add_generation_prompt=False)
         except Exception:  # a template may refuse the conversation cut there: no start for that message
             continue
-        starts.add(next((j for j, (a, b) in enumerate(zip(rendered, ids, strict=False)) if a != b), len(rendered)))
+        rendered_tokens += len(rendered)
+        if rendered_tokens > PROBE_BUDGET * len(ids):
+            break
+        starts.add(next((j for j, (a, b) in enumerate(zip(rendered, ids, strict=False)) if a != b), len(ids)))
     return sorted(starts)
 
 
@@ -442,7 +453,7 @@ class Job:
     id: str = ""
     logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    arrived: float = field(default_factory=time.perf_counter)  # when the request was ready for the queue
+    arrived: float = field(default_factory=time.perf_counter)  # when the request was read, before templating
     cuts: list[int] = field(default_factory=list)  # where its messages start: its prefill passes end there
 
 
@@ -812,8 +823,8 @@ class Engine:
         """Answer a job that ended (cancelled: finish_reason None) and log it."""
         if job is self.cache_owner:
             self.cache_owner = None
-            if seq is not None:  # cancelled during its prefill, the caches hold its whole passes done
-                self.keep(job)
+            if seq is not None:  # it decoded: its prompt's whole passes are kept (one cancelled during its
+                self.keep(job)  # prefill keeps the passes it had, `prefill_pass`)
         tokens = output.tokens if output else 0
         calls = (seq.stats.target_calls + seq.batched_tokens + seq.plain_tokens) if seq else 0
         speculation = {
@@ -825,7 +836,7 @@ class Engine:
         finish = output.finish if output else None
         now = time.perf_counter()
         first = output.first if output else None
-        timings = {  # from the request's arrival: queue, prefill and decoding
+        timings = {  # from when the request was read: templating, queue, prefill and decoding
             "first_token_seconds": round(first - job.arrived, 3) if first else None,
             "seconds": round(now - job.arrived, 3),
         }
@@ -1379,7 +1390,8 @@ def create_app(
         body = await read_body(request, read_timeout, gone)
         check_sender(request, allowed)
         parsed = parse_request(parse_json(body), kind, names, limits)
-        ids, cuts = await run_in_threadpool(prompt_ids, engine.setup.tokenizer, parsed)
+        arrived = time.perf_counter()
+        ids = await run_in_threadpool(prompt_ids, engine.setup.tokenizer, parsed)
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(
                 400,
@@ -1387,6 +1399,7 @@ def create_app(
                 f"{limits.max_prompt_tokens} (--max-prompt-tokens): shorten it",
                 "messages" if kind is ChatRequest else "prompt",
             )
+        cuts = await run_in_threadpool(prompt_cuts, engine.setup.tokenizer, parsed, ids)  # within the limit only
         wanted = parsed.max_completion_tokens or parsed.max_tokens or limits.max_tokens
         if limits.context is not None:
             wanted = min(wanted, limits.context - len(ids))  # generation ends at the end of the context
@@ -1410,6 +1423,7 @@ def create_app(
             {int(k): v for k, v in (parsed.logit_bias or {}).items()} or None,
             f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             parsed.top(),
+            arrived=arrived,
             cuts=cuts,
         )
         reply = Reply(engine.setup.tokenizer, parsed.template_tools() if chat else None)

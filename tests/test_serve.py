@@ -41,6 +41,7 @@ from mlx_vocabtrim.serve import (
     held_back,
     message_starts,
     pass_ends,
+    prompt_cuts,
     prompt_ids,
     stop_index,
 )
@@ -298,6 +299,14 @@ def test_passes_end_at_message_starts_and_a_reuse_keeps_only_passes_ending_alike
         assert a.offset == b.offset == 77
         assert mx.array_equal(a.keys[..., :77, :], b.keys[..., :77, :]).item()
         assert mx.array_equal(a.values[..., :77, :], b.values[..., :77, :]).item()
+    # cancelled during its prefill: the passes it had are kept, with their ends, for the next prompt
+    cancelled = Engine(setup, prefill_step=16)
+    cancelled.run(Job(first, 12, lambda kind, value: None, cancelled=CancelledAfter(4), cuts=[23]))
+    assert cancelled.cached_ends and cancelled.cached_ends == [16, 23, 39, 55][: len(cancelled.cached_ends)] != [16]
+    kept = cancelled.cached_ends[-1]
+    assert cancelled.cached == first[:kept]
+    text, result = run(cancelled, second, [23, 45])
+    assert result["cached_tokens"] == min(kept, 39) and text == fresh_text
 
 
 def test_message_starts_are_where_each_message_content_begins(target):
@@ -312,8 +321,10 @@ def test_message_starts_are_where_each_message_content_begins(target):
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False) if i else ""
         starts.append(len(tokenizer.encode(before + f"<|im_start|>{m['role']}\n", add_special_tokens=False)))
     assert message_starts(tokenizer, messages, None, ids) == starts and len(set(starts)) == 3
-    assert prompt_ids(tokenizer, ChatRequest.model_validate({"model": "m", **TURNS})) == (ids, starts)
-    assert prompt_ids(tokenizer, CompletionRequest.model_validate({"model": "m", **TEXT}))[1] == []
+    chat = ChatRequest.model_validate({"model": "m", **TURNS})
+    assert prompt_ids(tokenizer, chat) == ids and prompt_cuts(tokenizer, chat, ids) == starts
+    text = CompletionRequest.model_validate({"model": "m", **TEXT})
+    assert prompt_cuts(tokenizer, text, prompt_ids(tokenizer, text)) == []
 
     system = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe helpful.<|im_end|>\n{% endif %}"
 
@@ -789,7 +800,7 @@ def test_a_template_that_refuses_the_messages_is_a_400_with_its_reason(target):
     assert "refused the messages (System role not supported)" in refused.value.message
     assert "line 1" not in refused.value.message
     tools = ChatRequest.model_validate({"model": "m", "messages": messages, "tools": [TOOL]})
-    assert prompt_ids(target.tokenizer, tools)[0] == target.tokenizer.apply_chat_template(
+    assert prompt_ids(target.tokenizer, tools) == target.tokenizer.apply_chat_template(
         messages, tools=tools.template_tools(), add_generation_prompt=True
     )
 
@@ -1775,3 +1786,40 @@ def test_a_failed_generation_is_a_500_naming_no_file_and_the_engine_goes_on(mode
     (kind, (status, message)), (then, result) = events
     assert (kind, status, then, result["completion_tokens"]) == ("error", 500, "done", 6)
     assert "RuntimeError" in message and "secret" not in message and ".safetensors" not in message
+
+
+def test_a_long_prompt_is_prefilled_pass_by_pass_while_another_request_decodes(model_dirs, vocab_file, monkeypatch):
+    """A 120-token prompt joining a decoding request takes its 7 whole 16-token passes one per step, the
+    other request's tokens coming between them (its stream does not stall for the whole prefill), and
+    both return what each returns alone."""
+    setup = load(str(model_dirs["target"]), str(model_dirs["drafter"]), vocab=str(vocab_file), k=200)
+    rng = random.Random(5)
+    prompts = {"a": [rng.randrange(3, 300) for _ in range(20)], "b": [rng.randrange(3, 300) for _ in range(120)]}
+    lengths = {"a": 40, "b": 8}
+
+    def job(name: str, pieces: list[str]) -> Job:
+        def send(kind: str, value) -> None:
+            if kind == "text":
+                pieces.append(value[0])
+
+        return Job(prompts[name], lengths[name], send, logit_bias={2: -100})
+
+    def emitted(engine: Engine, name: str) -> int:
+        return sum(out.tokens for j, out, *_ in engine.active.values() if j.prompt is prompts[name])
+
+    engine, texts, passes = Engine(setup, prefill_step=16), {"a": [], "b": []}, []
+    engine.fresh_decoder()
+    engine.start(job("a", texts["a"]))
+    while emitted(engine, "a") < 3:
+        engine.advance()
+    real = engine.prefill_pass
+    monkeypatch.setattr(engine, "prefill_pass", lambda entry: passes.append(emitted(engine, "a")) or real(entry))
+    engine.start(job("b", texts["b"]))
+    while engine.active or engine.prefilling:
+        engine.advance()
+    assert len(passes) == 119 // 16 == 7
+    assert all(later > earlier for earlier, later in zip(passes, passes[1:], strict=False)), passes
+    for name in ("a", "b"):
+        alone: list[str] = []
+        Engine(setup, prefill_step=16).run(job(name, alone))
+        assert "".join(texts[name]) == "".join(alone), name
