@@ -406,8 +406,13 @@ def message_starts(tokenizer: Any, messages: list[dict], tools: list[dict] | Non
         rendered_tokens += len(rendered)
         if rendered_tokens > PROBE_BUDGET * len(ids):
             break
-        starts.add(next((j for j, (a, b) in enumerate(zip(rendered, ids, strict=False)) if a != b), len(ids)))
+        starts.add(common_prefix(rendered, ids))
     return sorted(starts)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def pass_ends(length: int, cuts: list[int], step: int) -> list[int]:
@@ -875,11 +880,7 @@ class Engine:
         """
         if self.cache is None:
             return 0
-        common = 0
-        for a, b in zip(self.cached, job.prompt[:-1], strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.cached, job.prompt[:-1])
         reused = 0
         for cached, end in zip(self.cached_ends, self.ends(job), strict=False):
             if cached != end or end > common:
