@@ -19,16 +19,27 @@ STEP_COST = 0.25
 TOKEN_COST = 0.2
 DECAY = 0.8  # weight of the evidence of earlier rounds, per round
 PRIOR = {"draft": (1.0, 0.5), "copy": (0.5, 0.5)}  # (accepted, rejected) pseudo-counts a request starts from
+CALIBRATION_PRIOR = 2.0  # pseudo-drafts a request's calibration starts from, accepted as often as predicted
+SCALE_BOUNDS = (0.5, 2.0)  # how far a calibration may scale the drafter's probabilities, per draft
 
 
 @dataclass
 class Plan:
     """What a round proposes: `copied` tokens from the context, then up to `count` drafter steps
-    after `feed` (the tokens the drafter has not processed, then the copies)."""
+    after `feed` (the tokens the drafter has not processed, then the copies), stopped early by the
+    draft threshold (`stops`)."""
 
     copied: list[int]
     count: int
     feed: list[int]
+    threshold: float = 0.0
+    scale: float = 1.0  # the request's calibration of the drafter's probabilities (`Calibration`)
+
+    def stops(self, confidence: float, drafted: int) -> bool:
+        """Whether drafting ends after `drafted` drafts whose probabilities multiply to `confidence`:
+        once the calibrated chance that all of them are accepted, `scale**drafted * confidence`, is
+        below the threshold (the last draft is still verified)."""
+        return confidence * self.scale**drafted < self.threshold
 
 
 @dataclass
@@ -52,6 +63,29 @@ class Rate:
 
 
 @dataclass
+class Calibration:
+    """How much more (or less) often this request's drafts are accepted than the drafter's own
+    probabilities say: accepted / predicted over the drafts judged so far, older rounds fading,
+    starting from agreement. A drafter sure of wrong guesses (translation) gets a scale below 1 and
+    stops drafting sooner; one that hedges on code it gets right, a scale above 1."""
+
+    accepted: float = 0.0
+    predicted: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        low, high = SCALE_BOUNDS
+        ratio = (self.accepted + CALIBRATION_PRIOR) / (self.predicted + CALIBRATION_PRIOR)
+        return min(high, max(low, ratio))
+
+    def observe(self, probs: Sequence[float], kept: int) -> None:
+        """A round drafted tokens with probabilities `probs` (each given the ones before) and the first
+        `kept` were accepted: the drafts up to the first rejection were judged."""
+        self.accepted = DECAY * self.accepted + kept
+        self.predicted = DECAY * self.predicted + sum(probs[: kept + 1])
+
+
+@dataclass
 class Policy:
     """How many tokens a round copies and drafts.
 
@@ -59,10 +93,11 @@ class Policy:
     all). Adaptive: within the same bounds, the lengths that maximise the expected tokens per unit
     of time, from this request's acceptance so far (copies and drafts apart) and the relative costs
     `step_cost` (a drafter step) and `token_cost` (each verified token past the first), both in
-    one-token target passes. With `confident_stop` (a draft threshold ends drafting where the
-    drafter is unsure, a sharper signal per round than past acceptance) only the copies adapt.
-    Decisions use past rounds only, so greedy output and the sampling distribution stay the
-    target's own.
+    one-token target passes. With a `draft_threshold` (drafting ends where the drafter is unsure, a
+    sharper signal per round than past acceptance) the drafter steps run to their bound, the copies
+    adapt as before, and the threshold is applied to the drafter's probabilities as this request's
+    `Calibration` scales them. Decisions use past rounds only, so greedy output and the sampling
+    distribution stay the target's own.
     """
 
     num_draft_tokens: int
@@ -70,9 +105,16 @@ class Policy:
     adaptive: bool = False
     step_cost: float = STEP_COST
     token_cost: float = TOKEN_COST
-    confident_stop: bool = False
+    draft_threshold: float = 0.0
     drafts: Rate = field(default_factory=lambda: Rate("draft"))
     copies: Rate = field(default_factory=lambda: Rate("copy"))
+    calibration: Calibration = field(default_factory=Calibration)
+
+    @property
+    def scale(self) -> float:
+        """What the threshold multiplies each draft's probability by: this request's calibration
+        when adaptive, else 1 (the threshold as set)."""
+        return self.calibration.scale if self.adaptive and self.draft_threshold > 0 else 1.0
 
     def copy_limit(self, budget: int) -> int:
         return min(self.lookup_tokens, budget)
@@ -90,7 +132,7 @@ class Policy:
             reach = a_copy**c  # probability that every copy is accepted
             expected = 1 + (a_copy * (1 - reach) / (1 - a_copy) if a_copy < 1 else c)
             most = max(0, min(self.num_draft_tokens, budget) - c) if can_draft else 0
-            for g in [most] if self.confident_stop else range(most, -1, -1):
+            for g in [most] if self.draft_threshold > 0 else range(most, -1, -1):
                 gain = reach * (a_draft * (1 - a_draft**g) / (1 - a_draft) if a_draft < 1 else g)
                 cost = 1 + self.token_cost * (pending + c + g - 1) + self.step_cost * g
                 rate = (expected + gain) / cost
@@ -98,11 +140,14 @@ class Policy:
                     best, best_rate = (c, g), rate
         return best
 
-    def observe(self, copied: int, drafted: int, kept: int) -> None:
-        """A round proposed `copied` copies then `drafted` drafts, and the first `kept` were accepted."""
+    def observe(self, copied: int, drafted: int, kept: int, probs: Sequence[float] = ()) -> None:
+        """A round proposed `copied` copies then `drafted` drafts (drafted with probabilities `probs`,
+        when known), and the first `kept` were accepted."""
         self.copies.observe(copied, min(kept, copied))
         reached = kept >= copied  # drafts were judged only when every copy was accepted
         self.drafts.observe(drafted if reached else 0, kept - copied if reached else 0)
+        if reached and drafted and probs:
+            self.calibration.observe(probs[:drafted], kept - copied)
 
 
 def first_rejected(flags: Sequence[bool]) -> int:
@@ -154,7 +199,7 @@ class Rounds:
         offered = self.propose(self.policy.copy_limit(budget))
         copies, count = self.policy.lengths(budget, len(offered), self.drafter, len(self.target_pending))
         copied = offered[:copies]
-        return Plan(copied, count, self.pending + copied)
+        return Plan(copied, count, self.pending + copied, self.policy.draft_threshold, self.policy.scale)
 
     def target_inputs(self, proposals: list[int]) -> list[int]:
         return self.target_pending + proposals
@@ -167,12 +212,13 @@ class Rounds:
         tokens: list[int],
         rewind_target: Callable[[int, int], int],
         rewind_drafter: Callable[[int, int, bool], int],
-        observe: bool = True,
+        probs: Sequence[float] = (),
     ) -> None:
         """`kept` of the round's `len(plan.copied) + drafted` proposals were accepted and `tokens` emitted
         (fewer than kept + 1 when the caller stopped early): each cache keeps what it can of what it was
         fed; the rest of the emitted tokens stays pending. `rewind_*(fed, keep[, one_pass])` return
-        how many of the fed tokens the cache holds afterwards."""
+        how many of the fed tokens the cache holds afterwards; `probs` are the drafter's probabilities of
+        its drafts, each given the ones before (for the calibration)."""
         gamma = len(plan.copied) + drafted
         held = len(self.target_pending)
         held = rewind_target(held + gamma, held + kept) if gamma else held
@@ -182,5 +228,4 @@ class Rounds:
             held = rewind_drafter(fed, min(fed, len(self.pending) + kept), drafted == 1) if drafted else 0
             self.pending = (self.pending + tokens)[held:]
         self.emitted += len(tokens)
-        if observe:
-            self.policy.observe(len(plan.copied), drafted, kept)
+        self.policy.observe(len(plan.copied), drafted, kept, probs)

@@ -162,7 +162,9 @@ def draft_options(command: Callable) -> Callable:
             "--adaptive/--static",
             default=None,
             help="Adaptive: each round copies and drafts what the request's acceptance so far makes fastest, "
-            "up to --lookup-tokens and --num-draft-tokens; static: always as many [default: from the profile].",
+            "up to --lookup-tokens and --num-draft-tokens (with --draft-threshold, the threshold applies to "
+            "the drafter's probabilities as calibrated by the request's acceptance); static: always as many "
+            "[default: from the profile].",
         ),
     ]
     for option in reversed(options):

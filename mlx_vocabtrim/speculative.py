@@ -7,9 +7,11 @@ prefix plus one correction/bonus token is emitted and both KV caches are rolled 
 what was emitted.
 """
 
+import operator
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
@@ -20,7 +22,7 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checks import check_draft_threshold, check_lookup, check_num_draft_tokens, check_temp, check_top_p
-from .engine import STEP_COST, TOKEN_COST, Policy, Rounds, greedy_accept, sampled_accept
+from .engine import STEP_COST, TOKEN_COST, Plan, Policy, Rounds, greedy_accept, sampled_accept
 from .errors import VocabTrimError
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
@@ -179,7 +181,9 @@ def speculative_generate_step(
       drafts the rest of `num_draft_tokens`, if any.
     - `adaptive`: `num_draft_tokens` and `lookup_tokens` are bounds; each round copies and drafts what
       this request's acceptance so far makes fastest, with `step_cost` and `token_cost` the relative
-      costs of a drafter step and of a verified token (`engine.Policy`).
+      costs of a drafter step and of a verified token (`engine.Policy`); with a `draft_threshold`, the
+      threshold applies to the drafter's probabilities as this request's acceptance so far calibrates
+      them (`engine.Calibration`).
     - `logit_bias` {id: bias} is added to the target's logits.
     """
     prompt = (prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))).astype(mx.uint32)
@@ -211,14 +215,14 @@ def speculative_generate_step(
         lookup.extend(history)
     bias = bias_vector(logit_bias, head_rows(model)) if logit_bias else None
 
-    def draft(feed: list[int], count: int) -> tuple[list[mx.array], list[mx.array], list[float]]:
-        """Up to `count` drafted target ids after `feed` (tokens the drafter has not seen),
-        their q rows over the head's rows (when sampling) and, when tracked, the running
-        confidences."""
-        ids, rows = [], []
-        y = mx.array(feed, mx.uint32)
-        confidence = [1.0]
-        for _ in range(count):
+    def draft(plan: Plan) -> tuple[list[mx.array], list[mx.array], list[float]]:
+        """Up to `plan.count` drafted target ids after `plan.feed` (tokens the drafter has not seen),
+        their q rows over the head's rows (when sampling) and, when tracked, the drafter's
+        probability of each given the ones before; drafting stops where the plan says (`Plan.stops`)."""
+        ids, rows, probs = [], [], []
+        y = mx.array(plan.feed, mx.uint32)
+        confidence = 1.0
+        for _ in range(plan.count):
             logits = head(y, draft_cache)
             if sampling:
                 logq = sampling_logprobs(logits, temp, top_p)
@@ -231,12 +235,13 @@ def speculative_generate_step(
             ids.append(y)
             if track:
                 chosen = logq[index] if sampling else logits[index] - mx.logsumexp(logits)
-                confidence.append(confidence[-1] * mx.exp(chosen).item())
-                if confidence[-1] < draft_threshold:
+                probs.append(mx.exp(chosen).item())
+                confidence *= probs[-1]
+                if plan.stops(confidence, len(ids)):
                     break
             else:
                 mx.async_eval(y)
-        return ids, rows, confidence[1:]
+        return ids, rows, probs
 
     lag = 0
     if draft_model is not None and context:
@@ -254,11 +259,11 @@ def speculative_generate_step(
     rounds = Rounds(
         history[-1],
         max_tokens,
-        Policy(num_draft_tokens, lookup_tokens, adaptive, step_cost, token_cost, draft_threshold > 0),
+        Policy(num_draft_tokens, lookup_tokens, adaptive, step_cost, token_cost, draft_threshold),
         head is not None,
         lookup.propose if lookup is not None else lambda limit: [],
     )
-    plan, ids, target_saved, draft_saved, open_round = None, [], [], [], None
+    plan, ids, probs, target_saved, draft_saved, open_round = None, [], [], [], [], None
 
     def settle(kept: int, tokens: list[int]) -> None:
         rounds.settle(
@@ -268,6 +273,7 @@ def speculative_generate_step(
             tokens,
             lambda fed, keep: rewind(target_cache, target_saved, fed, keep, one_pass=True),
             lambda fed, keep, one_pass: rewind(draft_cache, draft_saved, fed, keep, one_pass),
+            probs,
         )
 
     try:
@@ -275,10 +281,10 @@ def speculative_generate_step(
             plan = rounds.plan()
             copied = plan.copied
             draft_saved = save(draft_cache) if plan.count else []
-            ids, rows, confidence = draft(plan.feed, plan.count) if plan.count else ([], [], [])
+            ids, rows, probs = draft(plan) if plan.count else ([], [], [])
             gamma = len(copied) + len(ids)
             if stats.confidences is not None:
-                stats.confidences.append(confidence)
+                stats.confidences.append(list(accumulate(probs, operator.mul)))
             proposals = mx.concatenate([mx.array(copied, mx.uint32), *ids]) if gamma else mx.array([], mx.uint32)
             target_saved = save(target_cache) if gamma else []
             inputs = mx.concatenate([mx.array(rounds.target_pending, mx.uint32), proposals])

@@ -206,7 +206,7 @@ def replay(
         setting.adaptive,
         setting.step_cost,
         setting.token_cost,
-        setting.draft_threshold > 0,
+        setting.draft_threshold,
     )
     offered = lookups[setting.lookup_ngram] if setting.lookup_ngram else None
 
@@ -221,13 +221,14 @@ def replay(
         start = rounds.emitted
         plan = rounds.plan()
         copied = plan.copied
-        proposals, confidence = list(copied), 1.0
+        proposals, probs, confidence = list(copied), [], 1.0
         for j in range(plan.count):  # the drafter's picks, up to its threshold stop
             pos = start + len(copied) + j
             pick, prob = _pick(tr, setting, pos, start) if pos < total else (-1, 0.5)
             proposals.append(pick)
+            probs.append(prob)
             confidence *= prob
-            if confidence < setting.draft_threshold:
+            if plan.stops(confidence, j + 1):
                 break
         made = len(proposals) - len(copied)
         accepted, tokens = greedy_accept(proposals, answer[start : start + len(proposals) + 1])
@@ -241,6 +242,7 @@ def replay(
             tokens,
             lambda fed, keep: keep if fed == keep or not restores[0] else 0,
             lambda fed, keep, one_pass: keep if fed == keep or not restores[1] else 0,
+            probs,
         )
         calls += 1
         steps += made

@@ -1,6 +1,6 @@
 """The round engine alone: static and adaptive lengths, and what each model has pending after a round."""
 
-from mlx_vocabtrim.engine import Policy, Rounds, greedy_accept, sampled_accept
+from mlx_vocabtrim.engine import SCALE_BOUNDS, Policy, Rounds, greedy_accept, sampled_accept
 
 
 def run_rounds(policy: Policy, accept: int, rounds: int, offered: int = 0) -> list[tuple[int, int]]:
@@ -66,14 +66,14 @@ def test_copies_and_drafts_are_judged_apart():
     assert (policy.drafts.accepted, policy.drafts.rejected) == (1, 1)
 
 
-def test_with_a_draft_threshold_only_copies_adapt():
-    """The threshold ends drafting where the drafter is unsure: the drafts stay at their bound, copies adapt."""
-    policy = Policy(6, 8, adaptive=True, confident_stop=True)
+def test_with_a_draft_threshold_drafts_run_to_their_bound_and_copies_adapt():
+    """The threshold ends drafting where the drafter is unsure: the drafter steps stay at their bound, copies adapt."""
+    policy = Policy(6, 8, adaptive=True, draft_threshold=0.5)
     for _ in range(12):
         policy.observe(4, 2, 1)  # copies rejected early, the drafts never judged
         policy.observe(0, 6, 6)  # drafts all accepted
     assert policy.lengths(20, 8, True, 1) == (0, 6)
-    policy = Policy(6, 8, adaptive=True, confident_stop=True)
+    policy = Policy(6, 8, adaptive=True, draft_threshold=0.5)
     for _ in range(12):
         policy.observe(8, 0, 8)  # every copy accepted
     copies, drafts = policy.lengths(20, 8, True, 1)
@@ -93,3 +93,35 @@ def test_one_acceptance_rule_for_live_rounds_and_the_replay():
     assert sampled_accept([5, 6, 7], [True, False, True], [11, 12, 13], 14) == (1, [5, 12])
     assert sampled_accept([5, 6], [True, True], [11, 12], 14) == (2, [5, 6, 14])
     assert sampled_accept([], [], [], 14) == (0, [14])
+
+
+def test_an_adaptive_threshold_follows_how_well_the_drafter_knows_the_request():
+    """Drafts accepted more often than the drafter was sure of them scale its probabilities up (drafting goes
+    on past the threshold as set); sure drafts that are rejected scale them down (it stops sooner). A static
+    setting keeps the threshold as set."""
+
+    def plan_after(policy: Policy, drafted: int, kept: int, probs: list[float]):
+        for _ in range(10):
+            policy.observe(0, drafted, kept, probs)
+        return Rounds(0, -1, policy, True, lambda limit: []).plan()
+
+    hedging = plan_after(Policy(6, 0, adaptive=True, draft_threshold=0.5), 6, 6, [0.6] * 6)
+    assert 1.5 < hedging.scale <= SCALE_BOUNDS[1] and hedging.threshold == 0.5
+    assert not hedging.stops(0.6 * 0.6, 2), "two drafts at 60% each: on, the request accepts more"
+    assert Policy(6, 0, draft_threshold=0.5).draft_threshold == 0.5
+    static = plan_after(Policy(6, 0, draft_threshold=0.5), 6, 6, [0.6] * 6)
+    assert static.scale == 1.0 and static.stops(0.6 * 0.6, 2)
+    sure = plan_after(Policy(6, 0, adaptive=True, draft_threshold=0.5), 6, 0, [0.95] * 6)
+    assert sure.scale == SCALE_BOUNDS[0] and sure.stops(0.95, 1), "a sure first draft, rejected every time"
+    assert not plan_after(Policy(6, 0, draft_threshold=0.5), 6, 0, [0.95] * 6).stops(0.95, 1)
+
+
+def test_a_calibration_judges_the_drafts_up_to_the_first_rejection():
+    """Drafts after a rejected one (or after a rejected copy) were never judged: they do not count."""
+    policy = Policy(6, 8, adaptive=True, draft_threshold=0.5)
+    policy.observe(3, 4, 1, [0.9] * 4)  # the 2nd copy rejected
+    assert (policy.calibration.accepted, policy.calibration.predicted) == (0, 0)
+    policy.observe(0, 4, 1, [0.5, 0.25, 0.125, 0.0625])  # the 2nd draft rejected
+    assert (policy.calibration.accepted, policy.calibration.predicted) == (1, 0.75)
+    policy.observe(2, 2, 4, [0.5, 0.5])  # both copies and both drafts accepted
+    assert (policy.calibration.accepted, policy.calibration.predicted) == (0.8 + 2, 0.8 * 0.75 + 1)

@@ -277,6 +277,11 @@ CASES = {  # name: (arch, drafter kind, sampling and drafting options)
         dict(temp=1.0, top_p=1.0, num_draft_tokens=5, lookup_ngram=1, lookup_tokens=4, adaptive=True)
         | dict(context_head=False),
     ),
+    "ctx+threshold-t1-adaptive": (
+        "qwen2",
+        "ctx",
+        dict(temp=1.0, top_p=1.0, num_draft_tokens=4, draft_threshold=0.4, adaptive=True),
+    ),
     "ctx+lookup-t0.5-p0.8": (
         "llama",
         "ctx",
@@ -302,8 +307,9 @@ def test_every_token_follows_the_target(case, monkeypatch):
     drafted = stats.draft_tokens - stats.lookup_tokens
     assert 0.1 < stats.acceptance_rate < 0.9, "drafts are accepted and rejected"
     assert (drafted > DRAWS // (4 if options.get("adaptive") else 2)) == (kind is not None)
-    if options.get("adaptive"):
-        assert len(spy.draft_lengths()) >= 4, "lengths that follow the rounds"
+    if options.get("adaptive"):  # rounds told apart by their lookups, else by their confidences
+        lengths = spy.draft_lengths() if "lookup_ngram" in options else {len(c) for c in stats.confidences}
+        assert len(lengths) >= 4, "lengths that follow the rounds"
     assert (stats.lookup_tokens > DRAWS // 4) == ("lookup_ngram" in options)
     assert (stats.context_rows > 0) == (kind == "ctx")
     if kind is not None and "lookup_ngram" in options:

@@ -208,17 +208,23 @@ def test_adaptive_drafting_is_lossless_and_stops_where_unsure(pair, drafter_kind
     assert all(a >= b for c in fixed.confidences for a, b in zip(c, c[1:], strict=False)), "running products"
     # a threshold in the middle of the confidences seen: some rounds stop early, some run on
     threshold = float(np.median([c for round_ in fixed.confidences for c in round_]))
-    stats = SpecStats(confidences=[])
-    for prompt, ref in refs.items():
-        steps = speculative_generate_step(
-            list(prompt), target, drafter, num_draft_tokens=6, max_tokens=48, stats=stats, draft_threshold=threshold
-        )
-        assert [t for t, _, _ in steps] == ref
+
+    def lossless(**options) -> SpecStats:
+        stats = SpecStats(confidences=[])
+        for prompt, ref in refs.items():
+            steps = speculative_generate_step(list(prompt), target, drafter, max_tokens=48, stats=stats, **options)
+            assert [t for t, _, _ in steps] == ref, options
+        return stats
+
+    stats = lossless(num_draft_tokens=6, draft_threshold=threshold)
     lengths = [len(c) for c in stats.confidences]
     assert sum(lengths) == stats.draft_tokens and len(lengths) == stats.target_calls
     assert min(lengths) < 6 and max(lengths) > 1 and stats.draft_tokens < fixed.draft_tokens
     assert all(x >= threshold for c in stats.confidences for x in c[:-1]), "drafting went on below the threshold"
     assert any(c[-1] < threshold for c in stats.confidences)
+    # adaptive: the same threshold on probabilities calibrated by the request's acceptance so far
+    calibrated = lossless(num_draft_tokens=6, draft_threshold=threshold, adaptive=True)
+    assert [len(c) for c in calibrated.confidences] != lengths, "the calibration moved no stop"
 
 
 def test_draft_threshold_out_of_range(pair):
