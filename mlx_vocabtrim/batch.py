@@ -413,7 +413,7 @@ class Decoder:
         if self.setting.get("lookup_ngram"):
             lookup = PromptLookup(self.setting["lookup_ngram"])
             lookup.extend(history)
-        seq.lane = Lane(history[-1], history[-1:], head, lookup, seq.temp, seq.top_p, bias, seq.stats)
+        seq.lane = Lane(history[-1], head, lookup, seq.temp, seq.top_p, bias, seq.stats, self._remaining(seq))
         seq.target_cache = seq.draft_cache = None
         self.lanes.join(seq.lane, target, draft)
 

@@ -7,7 +7,8 @@ of the target's own are emitted (`greedy_accept`, `sampled_accept`: one rule for
 a batch and the replay); each model's cache keeps what it can (`rollback.rewind`) and the
 tokens it gave back stay pending for its next pass. `Rounds` holds that bookkeeping and the
 request's `Policy` (how many tokens to copy and draft). The generator runs it on models
-(speculative.py), the tuner's replay on recorded traces (tune.py): both make the same rounds.
+(speculative.py), the speculative batch once per sequence (spec_batch.py), the tuner's replay on
+recorded traces (tune.py): all make the same rounds.
 """
 
 from collections.abc import Callable, Sequence
@@ -213,19 +214,23 @@ class Rounds:
         rewind_target: Callable[[int, int], int],
         rewind_drafter: Callable[[int, int, bool], int],
         probs: Sequence[float] = (),
+        steps: int | None = None,
     ) -> None:
         """`kept` of the round's `len(plan.copied) + drafted` proposals were accepted and `tokens` emitted
         (fewer than kept + 1 when the caller stopped early): each cache keeps what it can of what it was
         fed; the rest of the emitted tokens stays pending. `rewind_*(fed, keep[, one_pass])` return
         how many of the fed tokens the cache holds afterwards; `probs` are the drafter's probabilities of
-        its drafts, each given the ones before (for the calibration)."""
+        its drafts, each given the ones before (for the calibration); `steps` the drafter steps run for
+        this sequence, when more than its drafts (a batch's passes run for every sequence: the extra
+        drafts were fed to the drafter, past this sequence's proposals)."""
         gamma = len(plan.copied) + drafted
         held = len(self.target_pending)
         held = rewind_target(held + gamma, held + kept) if gamma else held
         self.target_pending = (self.target_pending + tokens)[held:]
         if self.drafter:
-            fed = len(plan.feed) + drafted - 1 if drafted else 0
-            held = rewind_drafter(fed, min(fed, len(self.pending) + kept), drafted == 1) if drafted else 0
+            steps = drafted if steps is None else steps
+            fed = len(plan.feed) + steps - 1 if steps else 0
+            held = rewind_drafter(fed, min(fed, len(self.pending) + kept), steps == 1) if steps else 0
             self.pending = (self.pending + tokens)[held:]
         self.emitted += len(tokens)
         self.policy.observe(len(plan.copied), drafted, kept, probs)

@@ -3,8 +3,10 @@ batched target pass per round, acceptance and rollback per sequence.
 
 Both models' caches are mlx-lm's `BatchKVCache` (plain KV caches only: nothing else gives back
 entries per sequence). A round feeds each sequence its pending tokens and drafts in one pass,
-right-padded to the longest; each sequence then keeps what it accepted: the entries no sequence
-keeps are trimmed from the batch, and each sequence's own rejected entries are rolled into its
+right-padded to the longest; each sequence's round is planned and settled by its own `engine.Rounds`
+(as for a sequence alone: budget, copies, drafts, what each model has yet to process), and the
+entries it does not keep are given back from the batched caches at once: those no sequence keeps are
+trimmed from the batch, and each sequence's own rejected entries are rolled into its
 left padding, where the mask hides them (what `BatchKVCache.finalize` does for right-padded
 prompts). A sequence's proposals are what its prompt lookup copies (at most the round's length),
 then drafts up to that length unless its draft threshold stops it earlier; the target verifies
@@ -21,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll
 
-from .engine import greedy_accept, sampled_accept
+from .engine import Plan, Policy, Rounds, greedy_accept, sampled_accept
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
 from .speculative import SpecStats, proposal_row, sampling_logprobs, verify_sampled
@@ -35,17 +37,24 @@ def batchable(cache: list) -> bool:
 
 @dataclass(eq=False)
 class Lane:
-    """One sequence in the batch: the token the target has yet to process, the tokens the drafter has
-    yet to process, its drafter head (context rows of its own), its prompt lookup, sampling and logit bias."""
+    """One sequence in the batch: its last token (neither model has processed it), its drafter head
+    (context rows of its own), its prompt lookup, sampling, logit bias, counters and the tokens it may
+    still emit (-1: no limit); `rounds` (`engine.Rounds`) plans its proposals and keeps what each model
+    has yet to process, as for a sequence alone."""
 
-    target_pending: int
-    draft_pending: list[int]
+    last: int
     head: DraftHead
     lookup: PromptLookup | None = None
     temp: float = 0.0
     top_p: float = 1.0
     bias: mx.array | None = None
     stats: SpecStats = field(default_factory=SpecStats)
+    max_tokens: int = -1
+    rounds: Rounds = field(init=False)
+
+    def __post_init__(self) -> None:
+        propose = self.lookup.propose if self.lookup is not None else lambda limit: []
+        self.rounds = Rounds(self.last, self.max_tokens, Policy(0, 0), True, propose)
 
 
 @dataclass
@@ -166,18 +175,18 @@ class SpecBatch:
                 layer.finalize()
         return rows
 
-    def _draft(
-        self, lengths: list[int], threshold: float, copies: list[list[int]]
-    ) -> tuple[list[list[int]], list[int], list[list], int]:
-        """Drafts of every lane after its copies (the round's longest length for all, each lane's own count
-        of proposals), their q rows when sampling, and the drafter passes run."""
-        longest = max(lengths)
-        drafts: list[list[int]] = [[] for _ in self.lanes]
-        rows: list[list] = [[] for _ in self.lanes]
-        counts = [0] * len(self.lanes)
-        confidence = [1.0] * len(self.lanes)
-        open_ = [n > 0 for n in lengths]
-        feeds = [lane.draft_pending + c for lane, c in zip(self.lanes, copies, strict=True)]
+    def _draft(self, plans: list[Plan]) -> tuple[list[list[int]], list[int], list[list], list[list[float]], int]:
+        """Every lane's drafts after its copies (the round's most drafter steps for all), each lane's own
+        count of them (up to its plan's count or stop), their q rows when sampling, the drafter's
+        probability of each counted one when a threshold is set, and the drafter passes run."""
+        longest = max(plan.count for plan in plans)
+        drafts: list[list[int]] = [[] for _ in plans]
+        rows: list[list] = [[] for _ in plans]
+        probs: list[list[float]] = [[] for _ in plans]
+        counts = [0] * len(plans)
+        confidence = [1.0] * len(plans)
+        open_ = [plan.count > 0 for plan in plans]
+        feeds = [plan.feed for plan in plans]
         passes = 0
         while True:
             scores = self.draft_pass(feeds)
@@ -195,36 +204,40 @@ class SpecBatch:
                 token = index if lane.head.remap is None else lane.head.remap[index]
                 picks.append((token, chosen))
             mx.eval(picks)
-            for i, (token, chosen) in enumerate(picks):
+            for i, (plan, (token, chosen)) in enumerate(zip(plans, picks, strict=True)):
                 drafts[i].append(int(token.item()))
                 if open_[i]:
                     counts[i] += 1
-                    if threshold:
-                        confidence[i] *= float(mx.exp(chosen).item())
-                    if counts[i] >= lengths[i] or (threshold and confidence[i] < threshold):
+                    if plan.threshold:
+                        probs[i].append(float(mx.exp(chosen).item()))
+                        confidence[i] *= probs[i][-1]
+                    if counts[i] >= plan.count or plan.stops(confidence[i], counts[i]):
                         open_[i] = False
             if passes >= longest or not any(open_):
-                return drafts, counts, rows, passes
+                return drafts, counts, rows, probs, passes
             feeds = [[d[-1]] for d in drafts]
 
     def round(self, lengths: list[int], threshold: float = 0.0, copy_limit: int = 0) -> list[Emitted]:
-        """One round: lane i proposes up to `lengths[i]` tokens (0: none), first up to `copy_limit` copied
-        by its prompt lookup, then drafts; the target verifies; what each lane emitted, in lane order."""
+        """One round: lane i proposes up to `lengths[i]` tokens (0: none; fewer near its end), first up to
+        `copy_limit` copied by its prompt lookup, then drafts; the target verifies; what each lane
+        emitted, in lane order."""
         lanes = self.lanes
-        copies = [
-            lane.lookup.propose(min(copy_limit, n)) if lane.lookup is not None else []
-            for lane, n in zip(lanes, lengths, strict=True)
-        ]
-        wanted = [n - len(c) for n, c in zip(lengths, copies, strict=True)]
-        if max(wanted) > 0:
-            drafts, counts, rows, passes = self._draft(wanted, threshold, copies)
+        plans = []
+        for lane, n in zip(lanes, lengths, strict=True):
+            policy = lane.rounds.policy
+            policy.num_draft_tokens, policy.lookup_tokens, policy.draft_threshold = n, min(copy_limit, n), threshold
+            plans.append(lane.rounds.plan())
+        copies = [plan.copied for plan in plans]
+        if any(plan.count for plan in plans):
+            drafts, counts, rows, probs, passes = self._draft(plans)
         else:
-            drafts, counts, rows, passes = [[] for _ in lanes], [0] * len(lanes), [[] for _ in lanes], 0
+            empty: list[list] = [[] for _ in lanes]
+            drafts, counts, rows, probs, passes = empty, [0] * len(lanes), empty, empty, 0
         proposals = [c + d[:g] for c, d, g in zip(copies, drafts, counts, strict=True)]
         width = max(map(len, proposals))
         x = mx.array(
             [
-                [lane.target_pending] + (p + d[g:] + [0] * width)[:width]  # past its proposals: filler
+                lane.rounds.target_pending + (p + d[g:] + [0] * width)[:width]  # past its proposals: filler
                 for lane, p, d, g in zip(lanes, proposals, drafts, counts, strict=True)
             ],
             mx.uint32,
@@ -251,25 +264,29 @@ class SpecBatch:
             else:
                 n, tokens = greedy_accept(proposed, greedy[i][: g + 1])
             out.append(Emitted(tokens, [logprobs[j] for j in range(n + 1)], n))
+        # every lane was fed `width` proposals to the target and `passes` drafter steps: what each keeps
+        # is what a sequence alone keeps (`Rounds.settle`), given back from the batched caches at once
         give_back(self.target_cache, [width - e.accepted for e in out])
-        if passes:  # each lane's drafter took its copies and the drafts but the last after its pending tokens
-            fed = [len(c) + passes - 1 for c in copies]
-            give_back(self.draft_cache, [f - min(e.accepted, f) for e, f in zip(out, fed, strict=True)])
-            for lane, e, f in zip(lanes, out, fed, strict=True):
-                lane.draft_pending = e.tokens[min(e.accepted, f) :]
-        else:
-            for lane, e in zip(lanes, out, strict=True):
-                lane.draft_pending = lane.draft_pending + e.tokens
+        dropped = [0] * len(lanes)
+        for i, (lane, plan, e) in enumerate(zip(lanes, plans, out, strict=True)):
+
+            def drafter_keeps(fed: int, keep: int, one_pass: bool, i: int = i) -> int:
+                dropped[i] = fed - keep
+                return keep
+
+            lane.rounds.settle(
+                plan, counts[i], e.accepted, e.tokens, lambda fed, keep: keep, drafter_keeps, probs[i], passes
+            )
+        if passes:
+            give_back(self.draft_cache, dropped)
         for lane, e, c in zip(lanes, out, copies, strict=True):
             lane.stats.lookup_tokens += len(c)
             if lane.lookup is not None:
                 lane.lookup.extend(e.tokens)
-        counts = [len(p) for p in proposals]
-        for lane, e, g in zip(lanes, out, counts, strict=True):
-            lane.target_pending = e.tokens[-1]
+        for lane, e, p in zip(lanes, out, proposals, strict=True):
             lane.head.add(e.tokens)
             lane.stats.target_calls += 1
-            lane.stats.draft_tokens += g
+            lane.stats.draft_tokens += len(p)
             lane.stats.accepted_tokens += e.accepted
             lane.stats.generated_tokens += len(e.tokens)
             lane.stats.context_rows = lane.head.context_rows

@@ -484,7 +484,7 @@ def measure_batch_costs(
             head = DraftHead(drafter, context_head, head_rows(model))
             if head.full is not None:
                 head.add([i for i in range(head.full.weight.shape[0]) if i not in head.kept][:CONTEXT_ROWS_TIMED])
-            batch.join(Lane(ctx[-1], ctx[-1:], head), target_cache, draft_cache)
+            batch.join(Lane(ctx[-1], head), target_cache, draft_cache)
         plain[size], rounds[size] = _time_batch(model, batch, context, gammas)
     return BatchCosts(plain, rounds)
 
