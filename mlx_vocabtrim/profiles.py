@@ -49,7 +49,7 @@ class Setting:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "k"}
 
 
-DEFAULT = Setting()  # the packaged pair's tuned choice; pairs with no profile start from it
+DEFAULT = Setting()  # pairs with no profile start from it (the packaged pair's earlier tuned choice)
 SETTING_FIELDS = tuple(f.name for f in fields(Setting))
 
 
