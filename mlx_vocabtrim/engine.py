@@ -66,8 +66,8 @@ class Rate:
 @dataclass
 class Calibration:
     """How much more (or less) often this request's drafts are accepted than the drafter's own
-    probabilities say: accepted / predicted over the drafts judged so far, older rounds fading,
-    starting from agreement. A drafter sure of wrong guesses (translation) gets a scale below 1 and
+    probabilities say: accepted / predicted over the drafts judged so far, older judged rounds
+    fading, starting from agreement. A drafter sure of wrong guesses (translation) gets a scale below 1 and
     stops drafting sooner; one that hedges on code it gets right, a scale above 1."""
 
     accepted: float = 0.0
@@ -201,9 +201,6 @@ class Rounds:
         copies, count = self.policy.lengths(budget, len(offered), self.drafter, len(self.target_pending))
         copied = offered[:copies]
         return Plan(copied, count, self.pending + copied, self.policy.draft_threshold, self.policy.scale)
-
-    def target_inputs(self, proposals: list[int]) -> list[int]:
-        return self.target_pending + proposals
 
     def settle(
         self,

@@ -100,7 +100,8 @@ def _compact(cache: list) -> None:
 class SpecBatch:
     """Sequences decoding speculatively together (see the module's docstring). `join` hands a lane
     its caches (each model's per-sequence KVCaches: the target's hold all the sequence's tokens but
-    `target_pending`, the drafter's all but `draft_pending`); `leave` hands them back likewise."""
+    its last, the drafter's likewise); `leave` hands them back holding all but the lane's
+    `rounds.target_pending` and `rounds.pending`."""
 
     def __init__(self, target: nn.Module, drafter: nn.Module):
         self.target, self.drafter = target, drafter
@@ -231,8 +232,8 @@ class SpecBatch:
         if any(plan.count for plan in plans):
             drafts, counts, rows, probs, passes = self._draft(plans)
         else:
-            empty: list[list] = [[] for _ in lanes]
-            drafts, counts, rows, probs, passes = empty, [0] * len(lanes), empty, empty, 0
+            drafts, rows, probs = ([[] for _ in lanes] for _ in range(3))
+            counts, passes = [0] * len(lanes), 0
         proposals = [c + d[:g] for c, d, g in zip(copies, drafts, counts, strict=True)]
         width = max(map(len, proposals))
         x = mx.array(

@@ -125,3 +125,17 @@ def test_a_calibration_judges_the_drafts_up_to_the_first_rejection():
     assert (policy.calibration.accepted, policy.calibration.predicted) == (1, 0.75)
     policy.observe(2, 2, 4, [0.5, 0.5])  # both copies and both drafts accepted
     assert (policy.calibration.accepted, policy.calibration.predicted) == (0.8 + 2, 0.8 * 0.75 + 1)
+
+
+def test_a_batch_that_drafted_past_a_sequences_proposals_keeps_only_what_it_accepted():
+    """In a speculative batch the drafter runs the round's most steps for every sequence: one that proposed
+    only copies was still fed filler drafts after them; it keeps its pending token and the accepted copies."""
+    engine = Rounds(7, 50, Policy(0, 2), True, lambda limit: [8, 9][:limit])
+    plan = engine.plan()
+    assert (plan.copied, plan.count, plan.feed) == ([8, 9], 0, [7, 8, 9])
+    seen = []
+    engine.settle(
+        plan, 0, 1, [8, 5], lambda fed, keep: keep, lambda fed, keep, one: seen.append((fed, keep)) or keep, steps=3
+    )
+    assert seen == [(5, 2)], "fed its pending token, 2 copies and 2 filler drafts; keeps 7 and the accepted 8"
+    assert engine.pending == [5] and engine.target_pending == [5] and engine.emitted == 2
