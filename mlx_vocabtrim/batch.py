@@ -437,9 +437,10 @@ class Decoder:
     def _round(self, num_draft_tokens: int, draft_threshold: float) -> list[Event]:
         lanes = list(self.lanes.lanes)
         by_lane = {s.lane: s for s in self.sequences}
-        lengths = [min(num_draft_tokens, self._remaining(by_lane[lane]) - 1) for lane in lanes]
         copies = self.setting.get("lookup_tokens", 0) if self.setting.get("lookup_ngram") else 0
-        emitted = self.lanes.round(lengths, draft_threshold, copies)
+        emitted = self.lanes.round(
+            [num_draft_tokens] * len(lanes), draft_threshold, copies
+        )  # each lane's Rounds caps it near its end
         self.spec_rounds += 1
         events = []
         for lane, out in zip(lanes, emitted, strict=True):

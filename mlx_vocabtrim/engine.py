@@ -11,6 +11,7 @@ request's `Policy` (how many tokens to copy and draft). The generator runs it on
 recorded traces (tune.py): all make the same rounds.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,11 +37,11 @@ class Plan:
     threshold: float = 0.0
     scale: float = 1.0  # the request's calibration of the drafter's probabilities (`Calibration`)
 
-    def stops(self, confidence: float, drafted: int) -> bool:
-        """Whether drafting ends after `drafted` drafts whose probabilities multiply to `confidence`:
-        once the calibrated chance that all of them are accepted, `scale**drafted * confidence`, is
-        below the threshold (the last draft is still verified)."""
-        return confidence * self.scale**drafted < self.threshold
+    def stops(self, probs: Sequence[float]) -> bool:
+        """Whether drafting ends after drafts the drafter gave probabilities `probs` (each given the ones
+        before): once the calibrated chance that all of them are accepted, their product times
+        `scale**len(probs)`, is below the threshold (the last draft is still verified)."""
+        return math.prod(probs) * self.scale ** len(probs) < self.threshold
 
 
 @dataclass

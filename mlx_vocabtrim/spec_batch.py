@@ -185,7 +185,6 @@ class SpecBatch:
         rows: list[list] = [[] for _ in plans]
         probs: list[list[float]] = [[] for _ in plans]
         counts = [0] * len(plans)
-        confidence = [1.0] * len(plans)
         open_ = [plan.count > 0 for plan in plans]
         feeds = [plan.feed for plan in plans]
         passes = 0
@@ -211,8 +210,7 @@ class SpecBatch:
                     counts[i] += 1
                     if plan.threshold:
                         probs[i].append(float(mx.exp(chosen).item()))
-                        confidence[i] *= probs[i][-1]
-                    if counts[i] >= plan.count or plan.stops(confidence[i], counts[i]):
+                    if counts[i] >= plan.count or plan.stops(probs[i]):
                         open_[i] = False
             if passes >= longest or not any(open_):
                 return drafts, counts, rows, probs, passes

@@ -221,7 +221,6 @@ def speculative_generate_step(
         probability of each given the ones before; drafting stops where the plan says (`Plan.stops`)."""
         ids, rows, probs = [], [], []
         y = mx.array(plan.feed, mx.uint32)
-        confidence = 1.0
         for _ in range(plan.count):
             logits = head(y, draft_cache)
             if sampling:
@@ -236,8 +235,7 @@ def speculative_generate_step(
             if track:
                 chosen = logq[index] if sampling else logits[index] - mx.logsumexp(logits)
                 probs.append(mx.exp(chosen).item())
-                confidence *= probs[-1]
-                if plan.stops(confidence, len(ids)):
+                if plan.stops(probs):
                     break
             else:
                 mx.async_eval(y)

@@ -221,14 +221,13 @@ def replay(
         start = rounds.emitted
         plan = rounds.plan()
         copied = plan.copied
-        proposals, probs, confidence = list(copied), [], 1.0
+        proposals, probs = list(copied), []
         for j in range(plan.count):  # the drafter's picks, up to its threshold stop
             pos = start + len(copied) + j
             pick, prob = _pick(tr, setting, pos, start) if pos < total else (-1, 0.5)
             proposals.append(pick)
             probs.append(prob)
-            confidence *= prob
-            if plan.stops(confidence, j + 1):
+            if plan.stops(probs):
                 break
         made = len(proposals) - len(copied)
         accepted, tokens = greedy_accept(proposals, answer[start : start + len(proposals) + 1])

@@ -107,13 +107,13 @@ def test_an_adaptive_threshold_follows_how_well_the_drafter_knows_the_request():
 
     hedging = plan_after(Policy(6, 0, adaptive=True, draft_threshold=0.5), 6, 6, [0.6] * 6)
     assert 1.5 < hedging.scale <= SCALE_BOUNDS[1] and hedging.threshold == 0.5
-    assert not hedging.stops(0.6 * 0.6, 2), "two drafts at 60% each: on, the request accepts more"
+    assert not hedging.stops([0.6, 0.6]), "two drafts at 60% each: on, the request accepts more"
     assert Policy(6, 0, draft_threshold=0.5).draft_threshold == 0.5
     static = plan_after(Policy(6, 0, draft_threshold=0.5), 6, 6, [0.6] * 6)
-    assert static.scale == 1.0 and static.stops(0.6 * 0.6, 2)
+    assert static.scale == 1.0 and static.stops([0.6, 0.6])
     sure = plan_after(Policy(6, 0, adaptive=True, draft_threshold=0.5), 6, 0, [0.95] * 6)
-    assert sure.scale == SCALE_BOUNDS[0] and sure.stops(0.95, 1), "a sure first draft, rejected every time"
-    assert not plan_after(Policy(6, 0, draft_threshold=0.5), 6, 0, [0.95] * 6).stops(0.95, 1)
+    assert sure.scale == SCALE_BOUNDS[0] and sure.stops([0.95]), "a sure first draft, rejected every time"
+    assert not plan_after(Policy(6, 0, draft_threshold=0.5), 6, 0, [0.95] * 6).stops([0.95])
 
 
 def test_a_calibration_judges_the_drafts_up_to_the_first_rejection():
