@@ -23,14 +23,17 @@ fed: its first token then comes after the target's prefill alone, not after the 
 a whole round too (this project's CPU, a 51-token MT-bench prompt alone: 5.1 s against 8.4 s; two of
 51 and 61 tokens together: 6.0 and 12.8 s against 16.8 s for both).
 
-Seeded sampled sequences never speculate: they draw from their own key, one draw per token, so they
-repeat exactly whatever else runs. Sequences whose caches cannot give back a token exactly (sliding
-windows past their size, recurrent layers) stay in the batch once they joined it.
+A sampled sequence draws every token from the noise of its seed (its request's, else a random one)
+and the token's position (`noise`), in every mode, drafts included: a seeded one emits the same
+tokens whether it speculates or not and whatever else runs. Sequences whose caches cannot give back
+a token exactly (sliding windows past their size, recurrent layers) stay in the batch once they
+joined it.
 """
 
 import secrets
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from itertools import count
 from typing import Any
 
 import mlx.core as mx
@@ -40,6 +43,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from .engine import STEP_COST, TOKEN_COST
 from .heads import DraftHead
 from .lookup import PromptLookup
+from .noise import gumbel, pick
 from .rollback import check_rollback, offset
 from .spec_batch import Lane, SpecBatch, batchable
 from .speculative import SpecStats, _catch_up, bias_vector, sampling_logprobs, speculative_generate_step
@@ -66,7 +70,6 @@ class Sequence:
     draft_cache: list | None = None
     uid: int | None = None  # while in the batch
     lane: Lane | None = None  # while in the speculative batch
-    key: mx.array | None = None
     stats: SpecStats = field(default_factory=SpecStats)  # of the speculative stretches
 
     @property
@@ -86,14 +89,17 @@ class Event:
 
 
 def _sampler(seq: Sequence) -> Any:
-    """The per-sequence sampler of the batch: greedy, or a draw from the same distribution the
-    speculative path samples (top-p, then temperature) with the sequence's own key."""
+    """The per-sequence sampler of the batch from the sequence's next position on: greedy, or the draw
+    of the noise of (seed, position) from the distribution the speculative path samples (top-p, then
+    temperature). mlx-lm calls it once per token, in order (the last call's token is dropped when
+    the sequence leaves the batch; it gets a new sampler when it joins again)."""
     if seq.temp == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    positions = count(len(seq.history))
 
     def draw(logprobs: mx.array) -> mx.array:
-        seq.key, key = mx.random.split(seq.key)
-        return mx.random.categorical(sampling_logprobs(logprobs, seq.temp, seq.top_p), key=key)
+        noise = gumbel(seq.seed, next(positions), 1, logprobs.shape[-1])
+        return pick(sampling_logprobs(logprobs, seq.temp, seq.top_p), noise)
 
     return draw
 
@@ -178,8 +184,8 @@ class Decoder:
     def add(self, seq: Sequence, target_cache: list | None = None, draft_cache: list | None = None) -> None:
         """Start decoding `seq`; caches may hold a prefix of its prompt (all of the prompt but its
         last token at most), which only the speculative paths reuse."""
-        if seq.temp > 0 and seq.key is None:
-            seq.key = mx.random.key(seq.seed if seq.seed is not None else secrets.randbits(63))
+        if seq.temp > 0 and seq.seed is None:
+            seq.seed = secrets.randbits(63)  # unpredictable from what other requests drew
         seq.target_cache, seq.draft_cache = target_cache, draft_cache
         self.sequences.append(seq)
 
@@ -220,16 +226,13 @@ class Decoder:
             return "speculative batch"
         return "batch"
 
-    def _speculates(self, seq: Sequence) -> bool:
-        return self.speculate and not (seq.temp > 0 and seq.seed is not None)
-
     def step(self) -> list[Event]:
         """One step: a sequence about to speculate with no token yet gets its first one from the target
         (one such sequence a step). Else a speculative sequence alone yields its next token. Several:
         where the schedule names their number, those that may speculate take one round of the
-        speculative batch (each yields its accepted tokens and one of the target's); the others (seeded
-        sampled ones, or all where the schedule names no speculation) take one pass of the plain batch
-        (each yields a token, or a prompt chunk is prefilled)."""
+        speculative batch (each yields its accepted tokens and one of the target's); the others (those
+        that cannot move, or all where the schedule names no speculation) take one pass of the plain
+        batch (each yields a token, or a prompt chunk is prefilled)."""
         if not self.sequences:
             return []
         speculative = len(self.sequences) == 1 or len(self.sequences) in self.schedule
@@ -238,15 +241,15 @@ class Decoder:
         if starting:  # one a step, the shortest prompt first: each first token is sent as soon as it is made
             return [self._first_token(min(starting, key=self._unfed))]
         alone = self.sequences[0] if len(self.sequences) == 1 else None
-        if alone is not None and (alone.stream is not None or (self._speculates(alone) and self._pays(alone))):
+        if alone is not None and (alone.stream is not None or (self.speculate and self._pays(alone))):
             if alone.stream is None and not self._leave_batch(alone):
                 return self._batched()
             return self._speculative(alone)
         planned = self.schedule.get(len(self.sequences))
-        candidates = [s for s in self.sequences if s.lane is None and self._speculates(s) and self._movable(s)]
+        candidates = [s for s in self.sequences if s.lane is None and self.speculate and self._movable(s)]
         if planned and not all(self._pays(s) for s in candidates):
             planned = None  # one would feed its drafter more than speculating saves: all decode plainly
-        lanes = [s for s in self.sequences if planned and self._speculates(s) and self._movable(s)]
+        lanes = [s for s in self.sequences if planned and self.speculate and self._movable(s)]
         joining = []
         for seq in self.sequences:
             if seq in lanes and seq.lane is None:
@@ -264,7 +267,7 @@ class Decoder:
     def _starting(self, seq: Sequence) -> bool:
         """Whether `seq` is about to speculate and has no token yet (nor a place where it decodes)."""
         fresh = not seq.tokens and seq.stream is None and seq.lane is None and seq.uid is None
-        return fresh and self.counted and self._speculates(seq)
+        return fresh and self.counted and self.speculate
 
     def _first_token(self, seq: Sequence) -> Event:
         """`seq`'s first token from the target's pass over its prompt (the shapes a target decoding
@@ -334,8 +337,6 @@ class Decoder:
         held = _held(seq.target_cache)
         if self.drafter is not None and seq.draft_cache is None:
             seq.draft_cache = make_prompt_cache(self.drafter)
-        if seq.temp > 0:  # unseeded (seeded ones never speculate): draws nobody can predict from other requests
-            mx.random.seed(secrets.randbits(64))
         seq.stream = speculative_generate_step(
             history[held:],
             self.target,
@@ -348,6 +349,7 @@ class Decoder:
             logit_bias=seq.logit_bias,
             context=history[:held],
             stats=seq.stats,
+            seed=seq.seed,
             **self.setting,
         )
         return True
@@ -407,13 +409,22 @@ class Decoder:
         head = DraftHead(self.drafter, self.setting.get("context_head", True), self.vocab)
         head.add(history)
         bias = bias_vector(seq.logit_bias, self.vocab) if seq.logit_bias else None
-        if seq.temp > 0:  # unseeded (seeded ones never speculate): draws nobody can predict from other requests
-            mx.random.seed(secrets.randbits(64))
         lookup = None
         if self.setting.get("lookup_ngram"):
             lookup = PromptLookup(self.setting["lookup_ngram"])
             lookup.extend(history)
-        seq.lane = Lane(history[-1], head, lookup, seq.temp, seq.top_p, bias, seq.stats, self._remaining(seq))
+        seq.lane = Lane(
+            history[-1],
+            head,
+            lookup,
+            seq.temp,
+            seq.top_p,
+            bias,
+            seq.stats,
+            self._remaining(seq),
+            seq.seed,
+            len(history),
+        )
         seq.target_cache = seq.draft_cache = None
         self.lanes.join(seq.lane, target, draft)
 

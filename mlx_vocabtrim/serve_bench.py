@@ -3,15 +3,16 @@ drafter) and with `--draft-model` at its best draft length, through HTTP.
 
 The servers run one after the other (never two at once: memory) on free loopback ports and get
 the same greedy chat requests (Spec-Bench first turns, categories in turn), streamed. For each
-level of concurrency N, N clients each send one distinct question at once, questions no other level
-(and not the warm-up request) sends: mlx_lm.server reuses the KV cache of a prompt it has seen (its
+level of concurrency N and each pass, N clients each send one distinct question at once, questions
+no other level or pass (and not the warm-up request) sends: more questions measured for the same
+time than passes repeating theirs, and mlx_lm.server reuses the KV cache of a prompt it has seen (its
 prompt cache), so a question sent again would skip its prefill there, which distinct requests never
 do (ours reuses only whole prefill passes, the bitwise exact ones). Per server and level:
 aggregate tokens/s (all completion tokens over the wall time of the pass), each request's latency
 (median and p95) and time to its first token (median and p95), and the outputs unlike the target's own
 greedy decoding (unless --no-check-target). Levels repeat `--repeats` times, each figure a median;
-each repeat runs every server in turn (on a machine whose speed drifts, passes of one server are not
-all at one time).
+each repeat runs every server in turn on the same questions (on a machine whose speed drifts, passes
+of one server are not all at one time).
 """
 
 import http.client
@@ -174,8 +175,9 @@ def target_texts(model: str, prompts: list[str], max_tokens: int) -> list[str]:
     ]
 
 
-def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | None) -> dict:
-    """One server at one level: medians over the repeated passes of each figure."""
+def level_figures(passes: list[tuple[list[dict], float]], target: list[list[str]] | None) -> dict:
+    """One server at one level: medians over the repeated passes of each figure (`target`: the target's
+    own text of each pass's questions)."""
 
     def p95(values: list[float]) -> float:
         return sorted(values)[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
@@ -187,7 +189,8 @@ def level_figures(passes: list[tuple[list[dict], float]], target: list[str] | No
     counted = all(r.get("prompt_tokens") is not None for r in requests)  # passes logged before these were kept
     unlike = None
     if target is not None:
-        unlike = sum(r["text"] != t for answers, _ in passes for r, t in zip(answers, target, strict=False))
+        texts = [t for texts in target for t in texts]
+        unlike = sum(r["text"] != t for r, t in zip((r for answers, _ in passes for r in answers), texts, strict=False))
     return {
         "aggregate_tokens_per_s": statistics.median(aggregate),
         "aggregate_range": [min(aggregate), max(aggregate)],
@@ -207,9 +210,9 @@ def markdown(summary: dict[str, dict], env: dict, levels: list[int], max_tokens:
     names = list(summary)
     lines = [
         f"MLX {env['mlx']}, mlx-lm {env['mlx_lm']} on {env['device']} ({env['cpu']}, {env['cores']} cores), BLAS "
-        f"{env['blas']}. Greedy streamed chat requests of up to {max_tokens} tokens; at N clients, N questions sent "
-        "at once, each level its own (no server has seen them); aggregate = completion tokens / wall time of the "
-        f"pass, median of {repeats} pass(es) [range]; latencies over every request.",
+        f"{env['blas']}. Greedy streamed chat requests of up to {max_tokens} tokens; at N clients, N questions "
+        "sent at once, each level and pass its own (no server has seen them); aggregate = completion tokens / wall "
+        f"time of the pass, median of {repeats} pass(es) [range]; latencies over every request.",
         "",
         "| clients | " + " | ".join(f"{n} tok/s" for n in names) + " | ours over the better mlx_lm.server |",
         "|---|" + "---|" * (len(names) + 1),
@@ -252,30 +255,33 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def level_slices(levels: list[int]) -> dict[int, slice]:
-    """Each level's own questions among the picked ones (the first is the warm-up): none sent twice."""
+def level_slices(levels: list[int], repeats: int) -> dict[tuple[int, int], slice]:
+    """Each (level, pass)'s own questions among the picked ones (the first is the warm-up): none sent twice."""
     start, slices = 1, {}
-    for level in levels:
-        slices[level] = slice(start, start + level)
-        start += level
+    for repeat in range(repeats):
+        for level in levels:
+            slices[(level, repeat)] = slice(start, start + level)
+            start += level
     return slices
 
 
-def pick_questions(path: str | Path, per_category: int | None, levels: list[int]) -> tuple[list[dict], int]:
-    """Questions enough for one warm-up and a distinct set per level, categories in turn, with the
-    `per_category` they took (given, or the fewest that give enough)."""
+def pick_questions(
+    path: str | Path, per_category: int | None, levels: list[int], repeats: int
+) -> tuple[list[dict], int]:
+    """Questions enough for one warm-up and a distinct set per level and pass, categories in turn, with
+    the `per_category` they took (given, or the fewest that give enough)."""
     from .questions import in_turn, read_questions
 
-    need = 1 + sum(levels)
+    need = 1 + sum(levels) * repeats
     picked = in_turn(read_questions(path, per_category))[:need]  # categories in turn: the fewest rounds
     if len(picked) >= need:
         rounds = max(Counter(q["category"] for q in picked).values())
         return picked, per_category or rounds
     raise VocabTrimError(
-        f"--clients {','.join(map(str, levels))} need {need} distinct questions (each level its own, one to warm "
-        f"the servers up), and {path} gives {len(picked)}"
+        f"--clients {','.join(map(str, levels))} with --repeats {repeats} need {need} distinct questions (each "
+        f"level and pass its own, one to warm the servers up), and {path} gives {len(picked)}"
         + (f" at --per-category {per_category}: raise --per-category or leave it out" if per_category else "")
-        + ("" if per_category else ": pass fewer --clients or a longer --questions file")
+        + ("" if per_category else ": pass fewer --clients or --repeats, or a longer --questions file")
     )
 
 
@@ -302,7 +308,7 @@ def mlx_lm_best_draft(model: str, draft_model: str, target_path: str, drafter_pa
 @count_option(
     "--per-category",
     None,
-    "Questions per Spec-Bench category [default: the fewest that give each level its own questions].",
+    "Questions per Spec-Bench category [default: the fewest that give each level and pass its own questions].",
 )
 @count_option("--max-tokens", 64, "Tokens per answer.")
 @click.option(
@@ -369,8 +375,8 @@ def bench_serve(
 
     levels = parse_levels(clients)
     parse_batch_schedule(batch_speculation)  # a bad value fails here, not after the references
-    picked, per_category = pick_questions(questions or PACKAGED_QUESTIONS, per_category, levels)
-    warm_up, sets = picked[0], level_slices(levels)
+    picked, per_category = pick_questions(questions or PACKAGED_QUESTIONS, per_category, levels, repeats)
+    warm_up, sets = picked[0], level_slices(levels, repeats)
     report_path = check_output(Path(out) / "bench-serve.json", force=force)
     target_path, drafter_path = resolve_model(model), resolve_model(draft_model)
     if is_trimmed_dir(drafter_path):
@@ -418,7 +424,10 @@ def bench_serve(
         "max_tokens": max_tokens,
         "levels": levels,
         "warm_up_question": warm_up["question_id"],
-        "level_questions": {str(level): [q["question_id"] for q in picked[part]] for level, part in sets.items()},
+        "level_questions": {
+            str(level): [[q["question_id"] for q in picked[sets[(level, n)]]] for n in range(repeats)]
+            for level in levels
+        },
         "repeats": repeats,
         "max_batch": max_batch,
         "batch_speculation": batch_speculation,
@@ -448,7 +457,8 @@ def bench_serve(
                     ask(url, warm_up["prompt"], min(8, max_tokens))  # mlx_lm.server loads its models on first use
                     for level in todo:
                         click.echo(f"{name}: {level} clients at once, pass {repeat + 1} of {repeats}", err=True)
-                        answers = ask_all(url, [q["prompt"] for q in picked[sets[level]]], max_tokens)
+                        asked = picked[sets[(level, len(done[(name, level)]))]]
+                        answers = ask_all(url, [q["prompt"] for q in asked], max_tokens)
                         log({"server": name, "clients": level, "passes": [answers]})
                         done[(name, level)].append(answers)
         summary: dict[str, dict] = {}
@@ -457,11 +467,12 @@ def bench_serve(
             summary[name] = {}
             for level in levels:
                 passes = [(answers, wall) for answers, wall in done[(name, level)][:repeats]]
-                summary[name][str(level)] = level_figures(passes, target[sets[level]] if target else None)
+                texts = [target[sets[(level, n)]] for n in range(len(passes))] if target else None
+                summary[name][str(level)] = level_figures(passes, texts)
                 records += [
                     {"server": name, "clients": level, "pass": n, "question_id": q["question_id"], **r}
                     for n, (answers, _) in enumerate(passes)
-                    for q, r in zip(picked[sets[level]], answers, strict=True)
+                    for q, r in zip(picked[sets[(level, n)]], answers, strict=True)
                 ]
         env = environment()
         table = markdown(summary, env, levels, max_tokens, repeats)

@@ -13,8 +13,10 @@ then drafts up to that length unless its draft threshold stops it earlier; the t
 the longest proposal of the round for all of them (shorter ones padded with filler it ignores).
 
 Greedy output is each sequence's own greedy decoding (up to the last bits of batched matmuls);
-sampled sequences accept draft x with probability min(1, p(x)/q(x)) and draw a rejection's
-token from normalize(max(p - q, 0)), as the single-sequence generator does.
+sampled sequences with a seed draw from the noise of their (seed, position) and accept a draft where
+it is the target's draw (`noise`), so they emit what their seed gives without drafts, whatever the
+batch; those without accept draft x with probability min(1, p(x)/q(x)) and draw a rejection's token
+from normalize(max(p - q, 0)). Both as the single-sequence generator does.
 """
 
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll
 from .engine import Plan, Policy, Rounds, greedy_accept, sampled_accept
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
+from .noise import gumbel, head_noise, pick
 from .speculative import SpecStats, proposal_row, sampling_logprobs, verify_sampled
 from .trim import head_rows
 
@@ -38,9 +41,10 @@ def batchable(cache: list) -> bool:
 @dataclass(eq=False)
 class Lane:
     """One sequence in the batch: its last token (neither model has processed it), its drafter head
-    (context rows of its own), its prompt lookup, sampling, logit bias, counters and the tokens it may
-    still emit (-1: no limit); `rounds` (`engine.Rounds`) plans its proposals and keeps what each model
-    has yet to process, as for a sequence alone."""
+    (context rows of its own), its prompt lookup, sampling (with `seed`, from the noise of (seed,
+    position), `position` counting the tokens before the next one), logit bias, counters and the
+    tokens it may still emit (-1: no limit); `rounds` (`engine.Rounds`) plans its proposals and keeps
+    what each model has yet to process, as for a sequence alone."""
 
     last: int
     head: DraftHead
@@ -50,11 +54,22 @@ class Lane:
     bias: mx.array | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     max_tokens: int = -1
+    seed: int | None = None
+    position: int = 0
     rounds: Rounds = field(init=False)
 
     def __post_init__(self) -> None:
         propose = self.lookup.propose if self.lookup is not None else lambda limit: []
         self.rounds = Rounds(self.last, self.max_tokens, Policy(0, 0), True, propose)
+
+    @property
+    def coupled(self) -> bool:
+        return self.temp > 0 and self.seed is not None
+
+    @property
+    def at(self) -> int:
+        """The position of the lane's next token."""
+        return self.position + self.rounds.emitted
 
 
 @dataclass
@@ -193,7 +208,14 @@ class SpecBatch:
             passes += 1
             picks = []
             for i, (lane, logits) in enumerate(zip(self.lanes, scores, strict=True)):
-                if lane.temp > 0:
+                if lane.coupled:
+                    logq = sampling_logprobs(logits, lane.temp, lane.top_p)
+                    at = lane.at + len(plans[i].copied) + passes - 1
+                    index = pick(
+                        logq, head_noise(gumbel(lane.seed, at, 1, self.vocab)[0], lane.head.remap, logq.shape[-1])
+                    )
+                    chosen = logq[index]
+                elif lane.temp > 0:
                     logq = sampling_logprobs(logits, lane.temp, lane.top_p)
                     index = mx.random.categorical(logq)
                     rows[i].append(mx.exp(logq))
@@ -250,7 +272,13 @@ class SpecBatch:
             logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
             proposed = proposals[i]
             g = len(proposed)
-            if lane.temp > 0:
+            if lane.coupled:
+                drawn = pick(
+                    sampling_logprobs(row[: g + 1], lane.temp, lane.top_p),
+                    gumbel(lane.seed, lane.at, g + 1, self.vocab),
+                )
+                n, tokens = greedy_accept(proposed, drawn.tolist())
+            elif lane.temp > 0:
                 vocab = row.shape[-1]
                 q = [(mx.arange(vocab) == c).astype(mx.float32) for c in copies[i]]
                 q += [proposal_row(r, lane.head.remap, vocab) for r in rows[i][: counts[i]]]

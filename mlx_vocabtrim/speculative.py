@@ -26,6 +26,7 @@ from .engine import STEP_COST, TOKEN_COST, Plan, Policy, Rounds, greedy_accept, 
 from .errors import VocabTrimError
 from .heads import DraftHead, model_body
 from .lookup import PromptLookup
+from .noise import gumbel, head_noise, pick
 from .rollback import check_rollback, offset, rewind, save
 from .trim import head_rows
 
@@ -159,6 +160,7 @@ def speculative_generate_step(
     adaptive: bool = False,
     step_cost: float = STEP_COST,
     token_cost: float = TOKEN_COST,
+    seed: int | None = None,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yield (token, target logprobs, from_draft) like mlx-lm's speculative_generate_step.
 
@@ -185,6 +187,10 @@ def speculative_generate_step(
       threshold applies to the drafter's probabilities as this request's acceptance so far calibrates
       them (`engine.Calibration`).
     - `logit_bias` {id: bias} is added to the target's logits.
+    - `seed` (with temp > 0): draws come from the noise of (seed, position) instead of the global
+      generator, drafts and the target's tokens alike, and a draft is accepted where it is the
+      target's draw (`noise`): the output is what decoding with that seed and no drafts gives,
+      token for token, whatever the settings; positions count the tokens of `context` and `prompt`.
     """
     prompt = (prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))).astype(mx.uint32)
     if prompt.size == 0:
@@ -205,28 +211,34 @@ def speculative_generate_step(
         check_rollback(target_cache, "target")
         check_rollback(draft_cache, "drafter")
     sampling = temp > 0
+    coupled = sampling and seed is not None
+    vocab = head_rows(model)
     track = draft_threshold > 0 or stats.confidences is not None
     history = [*context, *prompt.tolist()]
-    head = None if draft_model is None else DraftHead(draft_model, context_head, head_rows(model))
+    head = None if draft_model is None else DraftHead(draft_model, context_head, vocab)
     lookup = PromptLookup(lookup_ngram) if lookup_ngram else None
     if head is not None:
         head.add(history)
     if lookup is not None:
         lookup.extend(history)
-    bias = bias_vector(logit_bias, head_rows(model)) if logit_bias else None
+    bias = bias_vector(logit_bias, vocab) if logit_bias else None
 
-    def draft(plan: Plan) -> tuple[list[mx.array], list[mx.array], list[float]]:
-        """Up to `plan.count` drafted target ids after `plan.feed` (tokens the drafter has not seen),
-        their q rows over the head's rows (when sampling) and, when tracked, the drafter's
-        probability of each given the ones before; drafting stops where the plan says (`Plan.stops`)."""
-        ids, rows, probs = [], [], []
+    def draft(plan: Plan, at: int) -> tuple[list[mx.array], list[mx.array], list[float]]:
+        """Up to `plan.count` drafted target ids after `plan.feed` (tokens the drafter has not seen), the
+        first at position `at`, their q rows over the head's rows (when sampling by rejection) and, when
+        tracked, the drafter's probability of each given the ones before; drafting stops where the plan
+        says (`Plan.stops`)."""
+        ids, qs, probs = [], [], []
         y = mx.array(plan.feed, mx.uint32)
-        for _ in range(plan.count):
+        for j in range(plan.count):
             logits = head(y, draft_cache)
-            if sampling:
+            if coupled:
+                logq = sampling_logprobs(logits, temp, top_p)
+                index = pick(logq, head_noise(gumbel(seed, at + j, 1, vocab)[0], head.remap, logq.shape[-1]))
+            elif sampling:
                 logq = sampling_logprobs(logits, temp, top_p)
                 index = mx.random.categorical(logq)
-                rows.append(mx.exp(logq))
+                qs.append(mx.exp(logq))
             else:
                 index = mx.argmax(logits, axis=-1)
             token = index if head.remap is None else head.remap[index]
@@ -239,7 +251,7 @@ def speculative_generate_step(
                     break
             else:
                 mx.async_eval(y)
-        return ids, rows, probs
+        return ids, qs, probs
 
     lag = 0
     if draft_model is not None and context:
@@ -279,7 +291,8 @@ def speculative_generate_step(
             plan = rounds.plan()
             copied = plan.copied
             draft_saved = save(draft_cache) if plan.count else []
-            ids, rows, probs = draft(plan) if plan.count else ([], [], [])
+            at = len(history) + rounds.emitted  # the position of the round's first proposal
+            ids, qs, probs = draft(plan, at + len(copied)) if plan.count else ([], [], [])
             gamma = len(copied) + len(ids)
             if stats.confidences is not None:
                 stats.confidences.append(list(accumulate(probs, operator.mul)))
@@ -290,12 +303,15 @@ def speculative_generate_step(
             if bias is not None:
                 logits = logits + bias
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            if sampling:
-                vocab = logits.shape[-1]
+            if coupled:
+                picks = pick(sampling_logprobs(logits, temp, top_p), gumbel(seed, at, gamma + 1, vocab))
+                mx.eval(picks, proposals)
+                n, tokens = greedy_accept(proposals.tolist(), picks.tolist())
+            elif sampling:
                 q = None
                 if gamma:
                     one_hot = [(mx.arange(vocab) == c).astype(mx.float32) for c in copied]
-                    q = mx.stack(one_hot + [proposal_row(r, head.remap, vocab) for r in rows])
+                    q = mx.stack(one_hot + [proposal_row(r, head.remap, vocab) for r in qs])
                 accept, residual_draws, bonus = verify_sampled(sampling_logprobs(logits, temp, top_p), proposals, q)
                 mx.eval(accept, residual_draws, bonus, proposals)
                 n, tokens = sampled_accept(proposals.tolist(), accept.tolist(), residual_draws.tolist(), bonus.item())

@@ -69,6 +69,19 @@ def test_greedy_lossless_with_lookup_threshold_and_trimmed_heads(family):
     )
 
 
+def test_a_seed_gives_the_same_tokens_with_or_without_drafts(family):
+    """Seeded sampling (the noise of (seed, position)): a speculative generation equals the target
+    alone with that seed, token for token, across windows crossed and recurrent layers rolled back."""
+    arch, target, _, _ = family
+    drafter = noisy(target, arch, 0.05, seed=3)  # further off than the family's: rejected under sampling too
+    sampling = dict(temp=1.0, top_p=0.95, seed=4)
+    total = SpecStats()
+    for prompt in PROMPTS:
+        alone = speculate(target, None, prompt, **sampling)
+        assert speculate(target, drafter, prompt, stats=total, num_draft_tokens=4, **sampling) == alone, arch
+    assert 0 < total.accepted_tokens < total.draft_tokens, "drafts are both accepted and rejected"
+
+
 def _ties(arch: str, tie: bool) -> bool:
     """Whether mlx-lm's class for `arch` builds a model with that tying (some are always tied or untied)."""
     model = make_arch(arch, seed=0, tie=tie)

@@ -58,6 +58,8 @@ def test_mixed_sequences_each_decode_as_alone(pair):
     other = Decoder(target, drafter, SETTING, eos=set())
     run(other, [(0, repeat)])
     assert seeded.tokens == repeat.tokens, "a seeded sequence repeats whatever runs beside it"
+    assert seeded.tokens == alone(target, PROMPTS[0], 10, temp=1.0, seed=7), "as without drafts"
+    assert repeat.speculative_tokens > 0 and repeat.stats.draft_tokens > 0, "alone, seeded sequences speculate"
     assert 0 < len(cancelled.tokens) < 30 and cancelled.finish is None
     assert seqs[0].speculative_tokens and seqs[0].batched_tokens, "speculative alone, batched with others"
     assert seqs[4].batched_tokens == 0 and seqs[4].plain_tokens == 1 and decoder.moves >= 2

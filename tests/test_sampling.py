@@ -186,9 +186,14 @@ def sample_transitions(target, drafter, draws: int, seed: int, max_tokens: int =
     track = bool(kwargs.get("draft_threshold"))
     total = SpecStats(confidences=[] if track else None)
     mx.random.seed(seed)
+    coupled = kwargs.pop("coupled", False)  # each generation its own seed: the noise of (seed, position)
+    generations = 0
     while counts.sum() < draws:
         stats = SpecStats(confidences=[] if track else None)
         previous = PROMPT[-1]
+        if coupled:
+            kwargs["seed"] = seed * 100_000 + generations
+        generations += 1
         for token, _, _ in speculative_generate_step(
             PROMPT, target, drafter, max_tokens=max_tokens, stats=stats, **kwargs
         ):
@@ -287,6 +292,17 @@ CASES = {  # name: (arch, drafter kind, sampling and drafting options)
         "ctx",
         dict(temp=0.5, top_p=0.8, num_draft_tokens=5, lookup_ngram=2, lookup_tokens=4),
     ),
+    "seeded-trim+lookup-t1-p0.8": (  # the noise of (seed, position), a seed per generation
+        "llama",
+        "trim",
+        dict(temp=1.0, top_p=0.8, num_draft_tokens=3, lookup_ngram=1, lookup_tokens=2, coupled=True)
+        | dict(context_head=False),
+    ),
+    "seeded-ctx+threshold-t1.5-adaptive": (
+        "qwen2",
+        "ctx",
+        dict(temp=1.5, top_p=1.0, num_draft_tokens=4, draft_threshold=0.4, adaptive=True, coupled=True),
+    ),
 }
 
 
@@ -317,6 +333,44 @@ def test_every_token_follows_the_target(case, monkeypatch):
     if "draft_threshold" in options:
         stops = sum(c[-1] < options["draft_threshold"] for c in stats.confidences if c)
         assert stops > DRAWS // 10, "rounds the threshold ended early"
+
+
+SEEDED = {  # name: (drafter kind, options): every way a round can propose
+    "full": ("full", dict(num_draft_tokens=3)),
+    "trim+ctx+threshold": ("trim", dict(num_draft_tokens=5, draft_threshold=0.5)),
+    "lookup alone": (None, dict(lookup_ngram=1, lookup_tokens=3, temp=0.1)),  # cooler: loops to copy
+    "trim+lookup+adaptive": ("trim", dict(num_draft_tokens=6, lookup_ngram=2, lookup_tokens=4, adaptive=True)),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", list(SEEDED))
+def test_a_seed_gives_the_same_tokens_with_or_without_drafts(arch, case):
+    """With a seed, a speculative generation emits what the target alone emits with that seed, token
+    for token (the noise of (seed, position), `noise`), with drafts accepted and rejected on the way;
+    another seed gives another text. Full-attention models: the rounds roll both caches back."""
+    kind, options = SEEDED[case]
+    options = dict(options)
+    target = make_model(arch, seed=61)
+    drafter = None
+    if kind is not None:
+        close = noisy_copy(target, arch, 0.05, seed=62)
+        drafter = close if kind == "full" else trimmed_copy(close, list(range(0, 256, 2)))
+    prompt, sampling = [5, 17, 33, 90, 200, 11], dict(temp=1.0, top_p=0.9, max_tokens=40)
+    sampling |= {k: options.pop(k) for k in ("temp",) if k in options}
+    stats = SpecStats()
+    for seed in (1, 2):
+        alone = [t for t, _, _ in speculative_generate_step(prompt, target, None, seed=seed, **sampling)]
+        ours = [
+            t
+            for t, _, _ in speculative_generate_step(
+                prompt, target, drafter, seed=seed, stats=stats, **sampling | options
+            )
+        ]
+        assert ours == alone, (case, seed)
+    assert 0 < stats.accepted_tokens < stats.draft_tokens, "drafts accepted and rejected"
+    other = [t for t, _, _ in speculative_generate_step(prompt, target, None, seed=3, **sampling)]
+    assert other != alone
 
 
 def test_first_two_tokens_with_attention(monkeypatch):

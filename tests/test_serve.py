@@ -895,7 +895,7 @@ def test_eight_mixed_concurrent_requests_each_return_what_they_return_alone(
 ):
     """Greedy and seeded sampled requests of different lengths, with stop strings, a long prompt, one
     joining while the others decode and one cancelled midway: each reply equals the one it gets alone,
-    with the plain batch and with speculation inside the batch (once no seeded request is in it)."""
+    with the plain batch and with speculation inside the batch (seeded ones speculating too)."""
     args = ["--model", str(model_dirs["target"]), "--draft-model", str(model_dirs["drafter"]), "--vocab"]
     args += [str(vocab_file), "--k", "200", "--max-batch", "9", "--max-tokens-limit", str(LONG), "--verbose"]
     args += ["--batch-speculation", batch_speculation]
@@ -1147,7 +1147,7 @@ def bench_serve_args(model_dirs, vocab_file, tmp_path, turns, per_category, max_
 
 
 def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp_path, monkeypatch):
-    """Each server gets a warm-up request and each level its own questions, none sent twice: a server
+    """Each server gets a warm-up request and each level and pass its own questions, none sent twice: a server
     that caches prompts (mlx_lm.server does) would skip the prefill of a question it has seen."""
     import mlx_vocabtrim.serve_bench as serve_bench
 
@@ -1169,8 +1169,8 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
     report = json.loads((out / "bench-serve.json").read_text())
     assert report["config"]["per_category"] == 3  # the fewest giving 1 + 1 + 3 questions
     assert report["config"]["warm_up_question"] == 0 and report["config"]["level_questions"] == {
-        "1": [3],
-        "3": [1, 4, 2],
+        "1": [[3]],
+        "3": [[1, 4, 2]],
     }
     assert list(report["summary"]) == ["mlx-vocabtrim serve", "mlx_lm.server", "mlx_lm.server --draft-model"]
     assert report["config"]["commands"]["mlx_lm.server --draft-model"][-2:] == ["--num-draft-tokens", "2"]
@@ -1202,12 +1202,12 @@ def test_bench_serve_compares_the_servers_end_to_end(model_dirs, vocab_file, tmp
         cli, [*args[:-2], "--clients", "1,2", "--per-category", "1", "--out", str(tmp_path / "o2")]
     )
     assert refused.exit_code == 1 and refused.output.endswith(
-        "need 4 distinct questions (each level its own, one to warm the servers up), and "
+        "need 4 distinct questions (each level and pass its own, one to warm the servers up), and "
         f"{tmp_path / 'q.jsonl'} gives 2 at --per-category 1: raise --per-category or leave it out\n"
     )
     refused = CliRunner().invoke(cli, [*args[:-2], "--clients", "1,9", "--out", str(tmp_path / "o2")])
     assert refused.exit_code == 1 and "need 11 distinct questions" in refused.output
-    assert "gives 6: pass fewer --clients or a longer --questions file" in refused.output
+    assert "gives 6: pass fewer --clients or --repeats, or a longer --questions file" in refused.output
 
 
 def test_bench_serve_sends_again_a_request_whose_connection_was_dropped(monkeypatch):
@@ -1256,11 +1256,13 @@ def test_bench_serve_sends_again_a_request_whose_connection_was_dropped(monkeypa
 
 def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_dirs, vocab_file, tmp_path, monkeypatch):
     """Each finished (server, level, pass) is logged as it ends; a rerun after a failure measures only the
-    rest and reports the logged passes as they were; each repeat runs every server in turn."""
+    rest and reports the logged passes as they were; each repeat runs every server in turn, each pass of
+    a level on questions of its own."""
     import mlx_vocabtrim.serve_bench as serve_bench
 
-    turns = [("code", "def add(a, b):"), ("text", "The quick brown fox"), ("code", "x = 1"), ("text", "Hello")]
-    args = [*bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "2", "4", "1,2"), "--repeats", "2"]
+    prompts = ["def add(a, b):", "The quick brown fox", "x = 1", "Hello", "import os", "Once upon a time"]
+    turns = [("code" if i % 2 == 0 else "text", p) for i, p in enumerate([*prompts, "class A:", "Dear Sir"])]
+    args = [*bench_serve_args(model_dirs, vocab_file, tmp_path, turns, "4", "4", "1,2"), "--repeats", "2"]
     out = tmp_path / "out"
     real, asked = serve_bench.ask_all, []
 
@@ -1297,6 +1299,10 @@ def test_bench_serve_resumes_an_interrupted_run_from_its_finished_levels(model_d
     logged_rate = serve_bench.level_figures(first_pass, None)["aggregate_tokens_per_s"]
     assert ours["requests"] == 4 and logged_rate in ours["aggregate_range"]  # the logged pass and a new one
     assert set(report["summary"]["mlx_lm.server --draft-model"]) == {"1", "2"} and not partial.exists()
+    sets = report["config"]["level_questions"]
+    assert sets == {"1": [[1], [4]], "2": [[2, 3], [5, 6]]}, "each level and pass its own questions"
+    for r in report["requests"]:
+        assert r["question_id"] in sets[str(r["clients"])][r["pass"]]
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_5"])

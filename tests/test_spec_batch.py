@@ -86,7 +86,7 @@ def test_sequences_joining_and_leaving_keep_their_rounds(pairs):
     decoder = Decoder(target, drafter, {"num_draft_tokens": 4}, eos=set(), schedule={2: (3, 0.0), 3: (4, 0.5)})
     seqs = [Sequence(p, 12 + 6 * i) for i, p in enumerate(PROMPTS)]  # tokens enough left to speculate at 3
     cancelled = Sequence(PROMPTS[2], 40)
-    seeded = Sequence(PROMPTS[1], 9, temp=1.0, seed=5)  # decodes in the plain batch beside the speculative one
+    seeded = Sequence(PROMPTS[1], 9, temp=1.0, seed=5)  # speculates in the batch too
     arrivals = [(0, seqs[0]), (3, seeded), (4, seqs[1]), (5, cancelled), (6, seqs[2]), (8, seqs[3]), (11, seqs[4])]
     step, modes = 0, []
     while arrivals or decoder.size:
@@ -103,10 +103,33 @@ def test_sequences_joining_and_leaving_keep_their_rounds(pairs):
     assert 0 < len(cancelled.tokens) < 40
     again = Sequence(PROMPTS[1], 9, temp=1.0, seed=5)
     drive(Decoder(target, drafter, {"num_draft_tokens": 4}, eos=set()), [(0, again)])
-    assert seeded.tokens == again.tokens and seeded.batched_tokens == 9, "seeded: its own key, never speculating"
+    plain = [t for t, _, _ in speculative_generate_step(PROMPTS[1], target, None, max_tokens=9, temp=1.0, seed=5)]
+    assert seeded.tokens == again.tokens == plain, "seeded: the noise of its seed, whatever the batch"
+    assert again.speculative_tokens > 0 and again.stats.draft_tokens > 0, "seeded sequences speculate"
     seen = {(n, m) for n, m in modes}
     assert {(2, "speculative batch"), (3, "speculative batch"), (1, "alone")} <= seen
     assert any(n >= 4 and m == "batch" for n, m in seen), "no schedule entry for 4 or 5: the plain batch"
+
+
+@pytest.mark.parametrize("head", ["full", "trim+ctx"])
+def test_seeded_sequences_in_the_speculative_batch_emit_what_their_seeds_give(pairs, head):
+    """Seeded sampled sequences speculating together (copies and drafts, the batch shrinking to one)
+    each emit what the target alone emits with that seed, token for token (the noise of (seed,
+    position)), with drafts accepted and rejected inside the batch."""
+    target, drafters = pairs
+    setting = {"num_draft_tokens": 4, "lookup_ngram": 2, "lookup_tokens": 3}
+    decoder = Decoder(target, drafters[head], setting, eos=set(), schedule={n: (4, 0.0) for n in range(2, 9)})
+    sampling = {"temp": 0.8, "top_p": 0.9}
+    seqs = [Sequence(p, 10 + 5 * i, seed=i, **sampling) for i, p in enumerate(PROMPTS)]
+    drive(decoder, [(0, s) for s in seqs])
+    assert decoder.spec_rounds >= 5
+    for seq in seqs:
+        plain = speculative_generate_step(
+            seq.prompt, target, None, max_tokens=seq.max_tokens, seed=seq.seed, **sampling
+        )
+        assert seq.tokens == [t for t, _, _ in plain], seq.prompt
+    accepted, drafted = (sum(getattr(s.stats, name) for s in seqs) for name in ("accepted_tokens", "draft_tokens"))
+    assert 0 < accepted < drafted
 
 
 def test_the_schedule_turns_speculation_off_and_on_as_the_batch_changes(pairs):
@@ -135,9 +158,10 @@ def test_no_schedule_is_todays_decoder(pairs):
 
 @pytest.mark.parametrize("kind", ["trim", "ctx", "trim+lookup"])
 def test_sampled_sequences_in_a_batch_follow_the_target(kind):
-    """10,000 tokens from batches of four unseeded sampled 12-token generations after PROMPT, a
-    Markov target (test_sampling's): every transition follows mlx-lm's row for the token before
-    it, with drafts accepted and rejected inside the batch."""
+    """10,000 tokens from batches of four unseeded sampled 12-token generations after PROMPT (each
+    given a random seed: the noise of (seed, position)), a Markov target (test_sampling's): every
+    transition follows mlx-lm's row for the token before it, with drafts accepted and rejected inside
+    the batch."""
     target = markov_target("qwen2", seed=17)
     drafter = make_drafter(kind.split("+")[0], "qwen2", target, seed=18)
     setting = {"num_draft_tokens": 3} | ({"lookup_ngram": 1, "lookup_tokens": 2} if "lookup" in kind else {})
