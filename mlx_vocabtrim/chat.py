@@ -50,13 +50,10 @@ def chat(
     verbose,
 ):
     """Chat in the terminal: `q` quits, `r` resets the history; speed and acceptance follow each reply."""
-    import mlx.core as mx
 
     from .resolve import context_length, load_for
     from .speculative import stream_generate
 
-    if seed is not None:
-        mx.random.seed(seed)
     setup = load_for(click.get_current_context().params)
     name = setup.names[0]
     if not getattr(setup.tokenizer, "chat_template", None):
@@ -103,6 +100,7 @@ def chat(
             max_tokens=max_tokens,
             temp=temp,
             top_p=top_p,
+            seed=seed,
             **setup.generation_kwargs(),
         ):
             click.echo(response.text, nl=False)

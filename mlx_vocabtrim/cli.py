@@ -174,14 +174,11 @@ def generate(
     verbose,
 ):
     """Generate text with VocabTrim speculative decoding (flags as mlx_lm.generate)."""
-    import mlx.core as mx
 
     from .resolve import context_length, load_for
     from .speculative import format_stats, stream_generate
 
     text = read_prompt(prompt)
-    if seed is not None:
-        mx.random.seed(seed)
     setup = load_for(click.get_current_context().params)
     ids = build_prompt(setup.tokenizer, text, system_prompt, ignore_chat_template)
     check_context(len(ids), max_tokens, context_length(setup.target))
@@ -194,6 +191,7 @@ def generate(
         max_tokens=max_tokens,
         temp=temp,
         top_p=top_p,
+        seed=seed,
         **setup.generation_kwargs(),
     ):
         click.echo(response.text, nl=False)

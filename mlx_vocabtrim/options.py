@@ -57,7 +57,11 @@ def top_p_option():
     )
 
 
-def seed_option(default: int | None = None, help: str = "Random seed for sampling (0 to 2**64 - 1)."):
+def seed_option(
+    default: int | None = None,
+    help: str = "Seed of the sampling noise (0 to 2**64 - 1): the same text with or without a drafter, "
+    "whatever the draft settings.",
+):
     return click.option(
         "--seed", type=int, default=default, show_default=default is not None, help=help, callback=_callback(check_seed)
     )

@@ -103,6 +103,21 @@ def test_generate_with_trimmed_drafter_matches_target_alone(model_dirs, ranked_f
     assert code == 0 and adaptive == alone, adaptive
 
 
+def test_a_seed_samples_the_same_text_with_or_without_the_drafter(model_dirs, ranked_file):
+    """--seed with --temp: the target alone and every drafting setting print the same text; another
+    seed another text."""
+    common = ["--model", str(model_dirs["target"]), "--prompt", "def add(a, b):", "--max-tokens", "24"]
+    sampled = [*common, "--temp", "0.9", "--top-p", "0.95"]
+    code, alone = run(*sampled, "--seed", "5")
+    assert code == 0, alone
+    drafter = ["--draft-model", str(model_dirs["drafter"]), "--vocab", str(ranked_file), "--k", "200"]
+    for flags in (["--num-draft-tokens", "3"], ["--num-draft-tokens", "5", "--lookup-ngram", "1", "--adaptive"]):
+        code, spec = run(*sampled, "--seed", "5", *drafter, *flags, "--verbose")
+        assert code == 0 and spec.split("==========")[0] == alone, flags
+        assert "Speculation:" in spec
+    assert run(*sampled, "--seed", "6")[1] != alone
+
+
 def test_vocab_file_with_counts_and_fingerprint(model_dirs, tokenizer, tmp_path):
     good = tmp_path / "good.json.gz"
     save_vocab(good, list(range(320)), {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
